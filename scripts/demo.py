@@ -72,17 +72,34 @@ def demo_serving(model_dir: Path, max_tokens: int) -> None:
 
     section(f"vLLM offline generation, {len(PROMPTS)} prompts x {max_tokens} tokens")
     start = time.perf_counter()
-    llm = LLM(model=str(model_dir), max_model_len=512, max_num_seqs=len(PROMPTS), seed=0)
+    llm = LLM(model=str(model_dir), dtype="float32", max_model_len=512, max_num_seqs=len(PROMPTS), seed=0)
     loaded = time.perf_counter() - start
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     start = time.perf_counter()
     outputs = llm.generate(PROMPTS, params, use_tqdm=False)
     elapsed = time.perf_counter() - start
     tokens = sum(len(out.outputs[0].token_ids) for out in outputs)
+    llm.llm_engine.engine_core.shutdown()
     for out in outputs[:2]:
         print(f"  {out.prompt!r} -> {out.outputs[0].text[:60]!r}")
     print(f"  engine start {loaded:.1f}s; {tokens} tokens in {elapsed:.2f}s "
           f"({tokens / elapsed:.0f} tok/s; random weights, so the text is noise)")
+
+
+def quiet_upstream() -> None:
+    """Keep the demo's own lines readable: upstream deprecation notices and INFO logs are noise here."""
+    import logging
+    import os
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     from tiny_llama.offline import apply_offline_defaults
 
     apply_offline_defaults()
+    quiet_upstream()
     from tiny_llama import ensure_model
 
     show_versions()

@@ -213,7 +213,8 @@ def causal_lm_batches(model_dir: Path, batch_size: int, seq_len: int, count: int
     ids: list[int] = []
     chunk = 0
     while len(ids) < needed:
-        ids.extend(tokenizer(corpus.text(seed * 1_000_003 + chunk, 2_000))["input_ids"])
+        # one long text on purpose; verbose=False drops the "longer than the model" notice
+        ids.extend(tokenizer(corpus.text(seed * 1_000_003 + chunk, 2_000), verbose=False)["input_ids"])
         chunk += 1
     flat = torch.tensor(ids[:needed], dtype=torch.long)
     return list(flat.view(count, batch_size, seq_len))

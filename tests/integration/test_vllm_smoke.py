@@ -11,7 +11,7 @@ pytestmark = pytest.mark.integration
 def llm(tiny_model_dir):
     from vllm import LLM
 
-    engine = LLM(model=str(tiny_model_dir), max_model_len=256, max_num_seqs=4, seed=0)
+    engine = LLM(model=str(tiny_model_dir), dtype="float32", max_model_len=256, max_num_seqs=4, seed=0)
     yield engine
     engine.llm_engine.engine_core.shutdown()
 
