@@ -63,11 +63,12 @@ class StepMetrics:
 class MetricsReporter:
     """Writes every N-th step's record to a JSON-lines file and the log; keeps all in memory."""
 
-    def __init__(self, path: str | Path | None, every_n_steps: int = 1) -> None:
+    def __init__(self, path: str | Path | None, every_n_steps: int = 1, log: bool = True) -> None:
         if every_n_steps < 1:
             raise ValueError(f"every_n_steps must be at least 1, got {every_n_steps}")
         self.path = Path(path) if path is not None else None
         self.every_n_steps = every_n_steps
+        self.log = log  # one rank logs; the others would repeat the same line
         self.history: list[StepMetrics] = []
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -77,7 +78,8 @@ class MetricsReporter:
         self.history.append(metrics)
         if metrics.step % self.every_n_steps:
             return
-        logger.info(metrics.summary())
+        if self.log:
+            logger.info(metrics.summary())
         if self.path is not None:
             with self.path.open("a") as handle:
                 handle.write(json.dumps(asdict(metrics), sort_keys=True) + "\n")
