@@ -1,0 +1,319 @@
+"""Application-characteristic-aware, token-length-aware throttling (FairServe's first half).
+
+Fair scheduling alone cannot stop one user of a tenant from flooding the engine: the flood is
+served whenever the tenant's counter is lowest, and it fills the KV cache for everyone. So,
+*only while the engine is overloaded*, a (tenant, application) pair that has used more than its
+application's characteristic usage in a sliding window has its new interactions held back.
+
+- Allowance. Over ``window_s`` seconds a (tenant, application) may use ::
+
+      usage_allowance * interactions_per_minute * (window_s / 60)
+                      * calls_per_interaction * expected weighted tokens per call
+
+  weighted tokens (``TokenWeights``), i.e. ``usage_allowance`` times what a legitimate user of
+  that application produces. Heavy applications (long outputs, multi-call agents) thus get a
+  large allowance by construction and are not throttled for being what they are.
+- Token-length awareness. A new request counts with its prompt: it is held when window usage
+  plus ``w_in * prompt_tokens`` would exceed the allowance, so one huge prompt weighs as much as
+  many small ones.
+- Usage. A request's prompt is counted when it is admitted (or released), so a burst counts
+  at once instead of after its prefill; its generated tokens are counted by ``record_usage`` as
+  they are decoded.
+- Never mid-interaction. Only the first call of an interaction may be held. A call with
+  ``call_index > 0``, or whose interaction id had a call admitted within
+  ``interaction_idle_s``, is always admitted: holding an agent's third call would waste the
+  two already served.
+- Nothing is lost. A held request ends in exactly one of: released (``release``), expired with
+  a reason after ``max_hold_s`` (``expire``), or cancelled (``cancel``). Held requests of one
+  (tenant, application) leave in arrival order; one pair's backlog never blocks another's.
+
+Time is always passed in (a monotonic clock, in seconds) so decisions are deterministic.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field, replace
+
+from vllm_fairserve.config import SECONDS_PER_MINUTE, ApplicationConfig, FairServeConfig
+from vllm_fairserve.identity import RequestIdentity
+
+UsageKey = tuple[str, str]  # (tenant, application)
+
+
+class Decision(enum.Enum):
+    """What ``submit`` decided for a request."""
+
+    ADMIT = "admit"  # pass it to the scheduler now
+    HOLD = "hold"  # keep it; it leaves through release, expire or cancel
+
+
+@dataclass(slots=True)
+class TenantThrottleStats:
+    """Fate of one tenant's submitted requests.
+
+    Always ``submitted == admitted + released + expired + cancelled + holding``, and
+    ``held == released + expired + cancelled + holding``.
+    """
+
+    submitted: int = 0
+    admitted: int = 0  # admitted at submit, never held
+    held: int = 0  # ever held
+    released: int = 0
+    expired: int = 0
+    cancelled: int = 0
+    holding: int = 0  # held right now
+
+
+@dataclass(slots=True)
+class _Held:
+    request_id: str
+    identity: RequestIdentity
+    prompt_cost: float  # weighted tokens of its prompt
+    held_at: float  # seconds
+    key: UsageKey = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.key = (self.identity.tenant, self.identity.application)
+
+
+@dataclass(slots=True)
+class _Window:
+    """Weighted tokens used by one (tenant, application) over the last ``window_s`` seconds."""
+
+    events: deque[tuple[float, float]] = field(default_factory=deque)  # (time s, weighted tokens)
+    total: float = 0.0
+
+    def add(self, now: float, tokens: float) -> None:
+        self.events.append((now, tokens))
+        self.total += tokens
+
+    def usage(self, now: float, window_s: float) -> float:
+        horizon = now - window_s
+        while self.events and self.events[0][0] <= horizon:
+            self.total -= self.events.popleft()[1]
+        if not self.events:
+            self.total = 0.0  # no rounding residue survives an empty window
+        return self.total
+
+
+class Throttle:
+    """Holds the new interactions of over-allowance (tenant, application) pairs under overload."""
+
+    def __init__(self, config: FairServeConfig | None = None) -> None:
+        self.config = config if config is not None else FairServeConfig()
+        self._limits = self.config.throttle
+        self._weights = self.config.token_weights
+        self._overloaded = False
+        self._kv_usage = 0.0
+        self._waiting = 0
+        self._windows: dict[UsageKey, _Window] = {}
+        # (tenant, interaction) -> time its last call was admitted; oldest first, for pruning.
+        self._interactions: OrderedDict[tuple[str, str], float] = OrderedDict()
+        self._held: OrderedDict[str, _Held] = OrderedDict()  # request id -> held, in hold order
+        self._held_by_key: dict[UsageKey, deque[str]] = {}  # FIFO of held ids per pair
+        self._stats: dict[str, TenantThrottleStats] = {}
+
+    # --------------------------------------------------------------------------------- load
+
+    def observe_load(self, kv_usage: float, waiting: int) -> bool:
+        """Report the engine's KV-cache usage fraction and waiting-queue length; returns
+        whether it is now overloaded."""
+        if not 0.0 <= kv_usage <= 1.0:
+            raise ValueError(f"kv_usage = {kv_usage!r}: must be a fraction in [0, 1]")
+        if waiting < 0:
+            raise ValueError(f"waiting = {waiting!r}: must be a request count >= 0")
+        self._kv_usage, self._waiting = kv_usage, waiting
+        self._overloaded = (
+            kv_usage >= self._limits.kv_usage_threshold or waiting >= self._limits.waiting_queue_threshold
+        )
+        return self._overloaded
+
+    @property
+    def overloaded(self) -> bool:
+        """Whether the last reported load counts as overload."""
+        return self._overloaded
+
+    # ------------------------------------------------------------------------ the allowance
+
+    def allowance(self, application: str) -> float:
+        """Weighted tokens a (tenant, ``application``) may use per window before it is held."""
+        app = self.config.application(application)
+        return self._allowance(app)
+
+    def _allowance(self, app: ApplicationConfig) -> float:
+        windows_per_minute = self._limits.window_s / SECONDS_PER_MINUTE
+        calls_per_window = app.interactions_per_minute * windows_per_minute * app.calls_per_interaction
+        return self._limits.usage_allowance * calls_per_window * app.expected_cost_per_call(self._weights)
+
+    def usage(self, identity: RequestIdentity, now: float) -> float:
+        """Weighted tokens the identity's (tenant, application) used in the window ending now."""
+        window = self._windows.get((identity.tenant, identity.application))
+        return window.usage(now, self._limits.window_s) if window else 0.0
+
+    def _fits(self, identity: RequestIdentity, prompt_cost: float, now: float) -> bool:
+        app = self.config.application(identity.application)
+        return self.usage(identity, now) + prompt_cost <= self._allowance(app)
+
+    # ------------------------------------------------------------------------ the decisions
+
+    def submit(self, request_id: str, identity: RequestIdentity, prompt_tokens: int, now: float) -> Decision:
+        """Decide for a new request: ADMIT now, or HOLD until release, expire or cancel."""
+        if request_id in self._held:
+            raise ValueError(f"request_id = {request_id!r} is already held; request ids must be unique")
+        if prompt_tokens < 0:
+            raise ValueError(f"prompt_tokens = {prompt_tokens}: must be >= 0")
+        stats = self._stats_of(identity.tenant)
+        stats.submitted += 1
+        prompt_cost = self._weights.input * prompt_tokens
+        key = (identity.tenant, identity.application)
+        hold = (
+            self._limits.enabled
+            and not self.is_follow_up(identity, now)
+            # Behind earlier held requests of the same pair, whatever the load: no overtaking.
+            and (key in self._held_by_key or (self._overloaded and not self._fits(identity, prompt_cost, now)))
+        )
+        if not hold:
+            stats.admitted += 1
+            self._admitted(identity, prompt_cost, now)
+            return Decision.ADMIT
+        stats.held += 1
+        stats.holding += 1
+        self._held[request_id] = _Held(request_id, identity, prompt_cost, now)
+        self._held_by_key.setdefault(key, deque()).append(request_id)
+        return Decision.HOLD
+
+    def is_follow_up(self, identity: RequestIdentity, now: float) -> bool:
+        """Whether the request continues an interaction in progress (and so is never held)."""
+        if identity.call_index is not None and identity.call_index > 0:
+            return True
+        if identity.interaction is None:
+            return False
+        self._forget_idle_interactions(now)
+        return (identity.tenant, identity.interaction) in self._interactions
+
+    def release(self, now: float) -> list[str]:
+        """Held requests that may go now, oldest first: all of them when the engine is no longer
+        overloaded, else those whose pair is back under its allowance. Call every step."""
+        released: list[tuple[float, str]] = []
+        for key in list(self._held_by_key):
+            queue = self._held_by_key[key]
+            while queue:
+                held = self._held[queue[0]]
+                if self._overloaded and not self._fits(held.identity, held.prompt_cost, now):
+                    break  # later requests of this pair wait behind it
+                queue.popleft()
+                del self._held[held.request_id]
+                stats = self._stats_of(held.identity.tenant)
+                stats.holding -= 1
+                stats.released += 1
+                self._admitted(held.identity, held.prompt_cost, now)
+                released.append((held.held_at, held.request_id))
+            if not queue:
+                del self._held_by_key[key]
+        released.sort(key=lambda item: item[0])
+        return [request_id for _, request_id in released]
+
+    def expire(self, now: float) -> list[tuple[str, str]]:
+        """Held requests that waited ``max_hold_s`` or longer, with a reason for the client.
+
+        Call ``release`` first in a step so a request that may go is not expired instead.
+        """
+        expired: list[tuple[str, str]] = []
+        deadline = now - self._limits.max_hold_s
+        while self._held:
+            held = next(iter(self._held.values()))  # the oldest (``now`` is monotonic)
+            if held.held_at > deadline:
+                break
+            self._drop_held(held)
+            stats = self._stats_of(held.identity.tenant)
+            stats.expired += 1
+            expired.append((held.request_id, self._reason(held, now)))
+        return expired
+
+    def cancel(self, request_id: str) -> bool:
+        """Forget a held request whose client went away; False if it is not held."""
+        held = self._held.get(request_id)
+        if held is None:
+            return False
+        self._drop_held(held)
+        self._stats_of(held.identity.tenant).cancelled += 1
+        return True
+
+    def record_usage(self, identity: RequestIdentity, output_tokens: int, now: float) -> None:
+        """Count generated tokens (prompts were counted when their request was admitted)."""
+        if output_tokens < 0:
+            raise ValueError(f"output_tokens = {output_tokens}: must be >= 0")
+        self._window_of((identity.tenant, identity.application)).add(now, self._weights.output * output_tokens)
+
+    # ----------------------------------------------------------------------------- reading
+
+    def is_held(self, request_id: str) -> bool:
+        """Whether ``request_id`` is held right now."""
+        return request_id in self._held
+
+    def num_held(self) -> int:
+        """Requests held right now."""
+        return len(self._held)
+
+    def stats(self) -> dict[str, TenantThrottleStats]:
+        """A copy of the per-tenant counts."""
+        return {tenant: replace(stats) for tenant, stats in self._stats.items()}
+
+    # --------------------------------------------------------------------------- internals
+
+    def _admitted(self, identity: RequestIdentity, prompt_cost: float, now: float) -> None:
+        self._window_of((identity.tenant, identity.application)).add(now, prompt_cost)
+        if identity.interaction is not None:
+            key = (identity.tenant, identity.interaction)
+            self._interactions[key] = now
+            self._interactions.move_to_end(key)
+
+    def _drop_held(self, held: _Held) -> None:
+        del self._held[held.request_id]
+        queue = self._held_by_key[held.key]
+        queue.remove(held.request_id)
+        if not queue:
+            del self._held_by_key[held.key]
+        self._stats_of(held.identity.tenant).holding -= 1
+
+    def _forget_idle_interactions(self, now: float) -> None:
+        horizon = now - self._limits.interaction_idle_s
+        while self._interactions:
+            key, last_admitted = next(iter(self._interactions.items()))
+            if last_admitted >= horizon:
+                break
+            del self._interactions[key]
+
+    def _window_of(self, key: UsageKey) -> _Window:
+        window = self._windows.get(key)
+        if window is None:
+            window = self._windows[key] = _Window()
+        return window
+
+    def _stats_of(self, tenant: str) -> TenantThrottleStats:
+        stats = self._stats.get(tenant)
+        if stats is None:
+            stats = self._stats[tenant] = TenantThrottleStats()
+        return stats
+
+    def _reason(self, held: _Held, now: float) -> str:
+        identity = held.identity
+        app = self.config.application(identity.application)
+        load = (
+            f"the engine is overloaded (KV-cache usage {self._kv_usage:.2f}, limit "
+            f"{self._limits.kv_usage_threshold:g}; {self._waiting} waiting, "
+            f"limit {self._limits.waiting_queue_threshold})"
+            if self._overloaded
+            else "the engine was overloaded while it waited"
+        )
+        return (
+            f"throttled: held {now - held.held_at:.1f} s, the limit (throttle.max_hold_s) is "
+            f"{self._limits.max_hold_s:g} s; {load}. Tenant {identity.tenant!r} used "
+            f"{self.usage(identity, now):.0f} weighted tokens of application {identity.application!r} in the "
+            f"last {self._limits.window_s:g} s, and this request's prompt adds {held.prompt_cost:.0f}, against an "
+            f"allowance of {self._allowance(app):.0f} ({self._limits.usage_allowance:g}x the application's "
+            f"characteristic: {app.interactions_per_minute:g} interactions/min x {app.calls_per_interaction} "
+            "calls). Retry later or send fewer/shorter requests."
+        )
