@@ -96,6 +96,12 @@ class CacheController:
         if self.mode is Mode.PROFILING and self._profiled_steps() >= self.warmup_steps:
             self._try_to_plan(agree)
 
+    def finish(self, now: float) -> None:
+        """Close the last step of a run (steps otherwise close when the next one starts)."""
+        if self._step_started is not None:
+            self._close_step(now)
+            self._step_started = None
+
     def begin_group(self, module: str, phase: Phase, param_ids: Sequence[int],
                     available: Sequence[bool], now: float) -> GroupStart:
         """A sub-module asks for its parameters; ``available[i]``: already gathered or in flight."""

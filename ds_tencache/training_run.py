@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ds_tencache.metrics import StepMetrics
+
 
 @dataclass
 class TrainingResult:
@@ -24,6 +26,9 @@ class TrainingResult:
     backend: str
     world_size: int
     zero_stage: int
+    # per-step tencache records (None when the run had no active tencache block)
+    tencache_steps: list[StepMetrics] | None = None
+    plans_built: int = 0
 
 
 def ensure_single_process_env() -> None:
@@ -53,6 +58,7 @@ def train(model_dir: Path, ds_config: dict[str, Any], steps: int, seq_len: int =
     from deepspeed.accelerator import get_accelerator
     from transformers import AutoModelForCausalLM
 
+    from ds_tencache.deepspeed_hooks import tencache_controller
     from tiny_llama import causal_lm_batches
 
     ensure_single_process_env()
@@ -82,5 +88,10 @@ def train(model_dir: Path, ds_config: dict[str, Any], steps: int, seq_len: int =
         world_size=torch.distributed.get_world_size(),
         zero_stage=engine.zero_optimization_stage(),
     )
+    controller = tencache_controller(engine)
+    if controller is not None:
+        controller.finish(time.perf_counter())
+        result.tencache_steps = list(controller.reporter.history)
+        result.plans_built = controller.plans_built
     engine.destroy()
     return result

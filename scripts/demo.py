@@ -111,9 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps < 1 or args.max_tokens < 1:
         parser.error("--steps and --max-tokens must be at least 1")
 
-    from tiny_llama.offline import apply_offline_defaults
+    from tiny_llama.environment import apply_runtime_defaults
 
-    apply_offline_defaults()
+    apply_runtime_defaults()
     quiet_upstream()
     from tiny_llama import ensure_model
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from tiny_llama.offline import apply_offline_defaults
+from tiny_llama.environment import apply_runtime_defaults
 
 # Before any test imports transformers or vLLM: no hub exists here, so never try one.
-apply_offline_defaults()
+apply_runtime_defaults()
 
 
 @pytest.fixture(scope="session")
