@@ -6,6 +6,7 @@ import copy
 import json
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -140,3 +141,101 @@ def test_two_ranks_identical_to_stock(tmp_path, tiny_model_dir, base_config, hal
         assert stock[rank]["planned_hits"] == []
         assert len(ours[rank]["planned_hits"]) == STEPS - WARMUP
         assert min(ours[rank]["planned_hits"]) >= 0.99
+
+
+def _hf_trainer_losses(tmp_path, model_dir, ds_config: dict, name: str):
+    import torch
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    from ds_tencache.training_run import ensure_single_process_env
+    from tiny_llama import causal_lm_batches
+
+    ensure_single_process_env()
+    config_path = tmp_path / f"{name}.json"
+    config_path.write_text(json.dumps(ds_config))
+    torch.manual_seed(0)
+    data = [{"input_ids": b[0], "labels": b[0]} for b in causal_lm_batches(model_dir, 1, 64, 24)]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    args = TrainingArguments(output_dir=str(tmp_path / name), deepspeed=str(config_path),
+                             per_device_train_batch_size=4, max_steps=6, learning_rate=1e-3,
+                             logging_steps=1, report_to=[], save_strategy="no", seed=0,
+                             disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return losses, trainer
+
+
+def test_hugging_face_trainer_uses_the_block_unchanged(tmp_path, tiny_model_dir, base_config,
+                                                        half_model_bytes):
+    import ds_tencache
+
+    hf_config = variant(base_config, True)
+    hf_config["train_micro_batch_size_per_gpu"] = "auto"  # Trainer fills these in
+    hf_config["optimizer"]["params"]["lr"] = "auto"
+    stock, _ = _hf_trainer_losses(tmp_path, tiny_model_dir, hf_config, "stock")
+    ours, trainer = _hf_trainer_losses(
+        tmp_path, tiny_model_dir, {**hf_config, "tencache": {"device_budget": half_model_bytes}},
+        "tencache")
+    controller = ds_tencache.tencache_controller(trainer.model_wrapped)
+    assert controller is not None and controller.plans_built == 1
+    assert len(stock) == 6 and ours == stock
+
+
+def _train_dynamic(config: dict, skip_from: int, steps: int, initialize):
+    """A model whose forward skips a layer from step ``skip_from`` on (dynamic control flow)."""
+    import deepspeed
+    import torch
+
+    from ds_tencache.training_run import ensure_single_process_env
+
+    class Skipping(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList(torch.nn.Linear(64, 64) for _ in range(4))
+            self.head = torch.nn.Linear(64, 1)
+            self.skip = False
+
+        def forward(self, x):
+            for index, layer in enumerate(self.layers):
+                if not (self.skip and index == 2):
+                    x = torch.relu(layer(x))
+            return self.head(x)
+
+    ensure_single_process_env()
+    torch.manual_seed(0)
+    model = Skipping()
+    data = torch.randn(steps, 8, 64, generator=torch.Generator().manual_seed(1))
+    engine, *_ = initialize(model=model, model_parameters=model.parameters(), config=config)
+    losses = []
+    for step in range(steps):
+        model.skip = step >= skip_from
+        loss = engine(data[step]).pow(2).mean()
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    import ds_tencache
+
+    controller = ds_tencache.tencache_controller(engine)
+    engine.destroy()
+    return losses, controller
+
+
+def test_changed_execution_order_reprofiles_and_keeps_losses(base_config):
+    import deepspeed
+
+    import ds_tencache
+
+    config = variant(base_config, True)
+    config["train_micro_batch_size_per_gpu"] = 8
+    stock, _ = _train_dynamic(config, skip_from=6, steps=14, initialize=deepspeed.initialize)
+    budget = 3 * (64 * 64 + 64) * 4  # three of the five layers
+    ours, controller = _train_dynamic({**config, "tencache": {"device_budget": budget}},
+                                      skip_from=6, steps=14, initialize=ds_tencache.initialize)
+    assert ours == stock
+    # Plan at step 2; step 6 departs from it; steps 7-8 re-profile; a new plan from step 9.
+    assert controller.plans_built == 2
+    controller.finish(time.perf_counter())
+    phases = [m.phase for m in controller.reporter.history]
+    assert phases[:2] == ["profiling"] * 2 and phases[2:6] == ["planned"] * 4
+    assert phases[6:9] == ["profiling"] * 3 and set(phases[9:]) == {"planned"}

@@ -1,0 +1,67 @@
+"""Fails loudly when a DeepSpeed upgrade changes what ds_tencache/deepspeed_hooks.py relies on."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import textwrap
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def _parameters(function) -> list[str]:
+    return list(inspect.signature(function).parameters)
+
+
+def test_pinned_deepspeed_version():
+    import deepspeed
+
+    from ds_tencache.deepspeed_hooks import DEEPSPEED_VERSION
+
+    assert deepspeed.__version__ == DEEPSPEED_VERSION, (
+        "ds_tencache's adapter was written against DeepSpeed "
+        f"{DEEPSPEED_VERSION}; re-read the coordinator before pinning {deepspeed.__version__}")
+
+
+def _method_arguments(cls) -> dict[str, list[str]]:
+    """Argument names of each method as written (the decorators upstream hide the signatures)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    return {node.name: [a.arg for a in node.args.args]
+            for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)}
+
+
+def test_coordinator_methods_we_override_keep_their_signatures():
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+
+    methods = _method_arguments(PartitionedParameterCoordinator)
+    assert methods["fetch_sub_module"] == ["self", "current_submodule", "forward"]
+    assert methods["release_sub_module"] == ["self", "submodule", "forward"]
+    assert methods["reset_step"] == ["self"]
+    assert methods["__all_gather_params"] == ["self", "params", "forward"]
+    assert methods["__release_param"] == ["self", "param", "free_data"]
+    assert methods["__params_to_release"] == ["self", "submodule_to_release", "step_id"]
+
+
+def test_private_state_we_read_still_exists():
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator as C
+
+    from ds_tencache.deepspeed_hooks import UPSTREAM_MEMBERS
+
+    source = inspect.getsource(C)
+    for member in UPSTREAM_MEMBERS:
+        assert f"self.__{member}" in source or f"def __{member}" in source, member
+
+
+def test_activation_points_still_exist():
+    from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+    original = inspect.unwrap(DeepSpeedZeroOptimizer_Stage3.initialize_ds_offload)
+    assert "ds_config" in _parameters(original)
+    # Every ZeRO-3 hook must look the coordinator up at call time, or swapping it is not enough.
+    assert "return self.param_coordinator" in inspect.getsource(DeepSpeedZeRoOffload.get_param_coordinator)
+    hooks = inspect.getsource(DeepSpeedZeRoOffload)
+    assert "self.param_coordinator.fetch_sub_module" not in hooks
+    assert hooks.count("self.get_param_coordinator()") >= 4
