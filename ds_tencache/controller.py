@@ -65,6 +65,8 @@ class CacheController:
         self.plans_built = 0
         self._recorder = ProfileRecorder()
         self._groups: list[tuple[str, Phase, tuple[int, ...]]] = []  # the plan's order
+        self._starts: list[GroupStart] = []  # the plan's evictions per group
+        self._prefetches: list[list[int]] = []  # the plan's prefetches per group
         self._step = -1
         self._step_started: float | None = None
         self._group = 0
@@ -107,7 +109,7 @@ class CacheController:
         """A sub-module asks for its parameters; ``available[i]``: already gathered or in flight."""
         for hit in available:
             self._counters.use(hit)
-        params = tuple(param_ids)
+        params = param_ids if isinstance(param_ids, tuple) else tuple(param_ids)
         if self.mode is Mode.PROFILING:
             if self._step_valid:
                 self._recorder.begin_fetch(module, phase, params, now)
@@ -118,9 +120,7 @@ class CacheController:
             self._abandon_plan(f"fetch group {self._group} is {module} ({phase.value}), "
                                f"the plan expected {wanted}")
             return GroupStart()
-        assert self.plan is not None
-        evict = [v for fetch in self.plan.issue_at.get(self._group, []) for v in fetch.evict]
-        return GroupStart(evict=evict)
+        return self._starts[self._group]
 
     def end_group(self, now: float, wait_s: float) -> list[int]:
         """The group's parameters are available; returns the parameters to prefetch now."""
@@ -131,8 +131,7 @@ class CacheController:
             if self._step_valid:
                 self._recorder.end_fetch(now, wait_s)
             return []
-        assert self.plan is not None
-        return [f.param_id for f in self.plan.issue_at.get(group, []) if f.group > group]
+        return self._prefetches[group]
 
     def record_gather(self, nbytes: int, seconds: float, direction: str) -> None:
         """An all-gather call moved ``nbytes`` (of parameters that were not available)."""
@@ -177,6 +176,11 @@ class CacheController:
                                inputs.compute_s, inputs.bandwidth_bytes_per_s,
                                lookahead_bytes=self.lookahead_bytes)
         self._groups = [(g.module, g.phase, g.param_ids) for g in groups]
+        # Per group, precomputed once: this runs for every sub-module of every step.
+        issued = [self.plan.issue_at.get(g, []) for g in range(len(groups))]
+        self._starts = [GroupStart(evict=[v for f in fetches for v in f.evict]) for fetches in issued]
+        self._prefetches = [[f.param_id for f in fetches if f.group > g]
+                            for g, fetches in enumerate(issued)]
         self.plans_built += 1
         self.mode = Mode.PLANNED
         if self.profile_path:

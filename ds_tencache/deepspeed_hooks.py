@@ -68,6 +68,8 @@ class TencacheCoordinator(PartitionedParameterCoordinator):
         coordinator.controller = controller
         coordinator.offload_device = offload_device
         coordinator._params_by_id = {}
+        coordinator._modules = {}
+        coordinator._mode = None
         coordinator._stock_prefetch_bucket = getattr(stock, _MANGLED + "prefetch_bucket_sz")
         return coordinator
 
@@ -83,29 +85,35 @@ class TencacheCoordinator(PartitionedParameterCoordinator):
         self._apply_mode()
 
     def fetch_sub_module(self, current_submodule: torch.nn.Module, forward: bool) -> None:
-        params = sorted((p for p in iter_params(current_submodule,
-                                                recurse=z3_leaf_module(current_submodule))
-                         if not p.ds_persist), key=lambda p: p.ds_id)
-        for param in params:
-            if param.ds_id not in self._params_by_id:
-                self._params_by_id[param.ds_id] = param
-                self.controller.register_tensor(TensorInfo(
-                    param.ds_id, param.ds_numel, str(param.dtype), _nbytes(param)))
+        name, params, ids = self._module_info(current_submodule)
         start = time.perf_counter()
         group = self.controller.begin_group(
-            f"{type(current_submodule).__name__}#{current_submodule.ds_id}",
-            Phase.FORWARD if forward else Phase.BACKWARD,
-            [p.ds_id for p in params],
-            [p.ds_status != ZeroParamStatus.NOT_AVAILABLE for p in params],
-            start)
+            name, Phase.FORWARD if forward else Phase.BACKWARD, ids,
+            [p.ds_status != ZeroParamStatus.NOT_AVAILABLE for p in params], start)
         self._apply_mode()  # the controller may just have abandoned its plan
         self._release(group.evict)
         super().fetch_sub_module(current_submodule, forward)
         end = time.perf_counter()
-        prefetch = [self._params_by_id[i] for i in self.controller.end_group(end, end - start)]
-        missing = {p for p in prefetch if p.ds_status == ZeroParamStatus.NOT_AVAILABLE}
-        if missing:
-            getattr(self, _MANGLED + "all_gather_params")(missing, forward)
+        prefetch = self.controller.end_group(end, end - start)
+        if prefetch:
+            missing = {self._params_by_id[i] for i in prefetch}
+            missing = {p for p in missing if p.ds_status == ZeroParamStatus.NOT_AVAILABLE}
+            if missing:
+                getattr(self, _MANGLED + "all_gather_params")(missing, forward)
+
+    def _module_info(self, module: torch.nn.Module) -> tuple[str, list[torch.nn.Parameter], tuple[int, ...]]:
+        """Name, partitioned parameters and their ds_ids of a sub-module, worked out once."""
+        info = self._modules.get(module.ds_id)
+        if info is None:
+            params = sorted((p for p in iter_params(module, recurse=z3_leaf_module(module))
+                             if not p.ds_persist), key=lambda p: p.ds_id)
+            for param in params:
+                self._params_by_id[param.ds_id] = param
+                self.controller.register_tensor(TensorInfo(
+                    param.ds_id, param.ds_numel, str(param.dtype), _nbytes(param)))
+            info = self._modules[module.ds_id] = (f"{type(module).__name__}#{module.ds_id}", params,
+                                                  tuple(p.ds_id for p in params))
+        return info
 
     # --- upstream private members, overridden by their mangled names --------------------------
 
@@ -136,8 +144,10 @@ class TencacheCoordinator(PartitionedParameterCoordinator):
 
     def _apply_mode(self) -> None:
         """Stock prefetching runs only while profiling; the plan prefetches by itself."""
-        bucket = 0 if self.controller.mode is Mode.PLANNED else self._stock_prefetch_bucket
-        setattr(self, _MANGLED + "prefetch_bucket_sz", bucket)
+        if self.controller.mode is not self._mode:
+            self._mode = self.controller.mode
+            bucket = 0 if self._mode is Mode.PLANNED else self._stock_prefetch_bucket
+            setattr(self, _MANGLED + "prefetch_bucket_sz", bucket)
 
 
 def _nbytes(param: torch.nn.Parameter) -> int:
@@ -222,8 +232,9 @@ def install() -> None:
         handler = logging.StreamHandler(sys.stdout)
         handler.setFormatter(logging.Formatter("[%(asctime)s] [%(levelname)s] [%(name)s] %(message)s"))
         logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
         logger.propagate = False
+    if logger.level == logging.NOTSET:  # a level the application chose wins
+        logger.setLevel(logging.INFO)
 
 
 def initialize(*args, **kwargs):
