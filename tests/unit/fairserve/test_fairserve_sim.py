@@ -3,6 +3,8 @@ never held, fast-forward equal to stepping, and its speed."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from dataclasses import replace
 
@@ -276,6 +278,13 @@ def test_engine_config_errors_name_the_field():
         EngineConfig(num_kv_blocks=10)
     with pytest.raises(ValueError, match="policy = 'lifo'"):
         simulate(workload_of({"a": [(0.0, 8, 4)]}), "lifo")
+
+
+def test_simulator_modules_import_neither_vllm_nor_torch():
+    imports = "import vllm_fairserve.sim, vllm_fairserve.sim_metrics, vllm_fairserve.workload"
+    check = "import sys; assert not {'vllm', 'torch'} & set(sys.modules), sorted(sys.modules)"
+    result = subprocess.run([sys.executable, "-c", f"{imports}; {check}"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
 
 
 # ------------------------------------------------------------------------------- speed
