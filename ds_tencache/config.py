@@ -115,6 +115,18 @@ class TencacheConfig(_Block):
     metrics: MetricsConfig = MetricsConfig()
     pool: PoolConfig = PoolConfig()
 
+    def tier_settings_given(self) -> list[str]:
+        """Keys the user set that configure the pinned-pool / NVMe tier.
+
+        That tier replaces ZeRO-Infinity's swappers in a later version; until then the adapter
+        says plainly that these settings have no effect, rather than accepting them silently.
+        """
+        return [key for key in TIER_KEYS if key in self.model_fields_set]
+
+
+# Settings read by the pinned pool and NVMe tier (see tier_settings_given).
+TIER_KEYS = ("cpu_budget", "nvme_path", "verify_checksums", "pool")
+
 
 def _dotted(location: tuple[Any, ...]) -> str:
     path = BLOCK

@@ -205,6 +205,11 @@ def _wrap_initialize_ds_offload(original):
                 stock, build_controller(config, stock, offload.module), device)
             logger.info("tencache: active (warm-up %d steps, device budget %s)",
                         config.warmup_steps, config.device_budget)
+            if config.tier_settings_given() or device == "nvme":
+                logger.warning(
+                    "tencache: this version caches gathered parameters on the device only; the "
+                    "pinned-pool/NVMe tier is not implemented yet, so %s stay with stock "
+                    "ZeRO-Infinity", ", ".join(config.tier_settings_given()) or "NVMe offload")
         return offload
 
     initialize_ds_offload.__tencache_wrapped__ = True

@@ -93,3 +93,9 @@ def test_unreadable_file_is_a_clear_error(tmp_path):
     bad.write_text("{")
     with pytest.raises(TencacheConfigError, match="bad.json is not valid JSON"):
         from_ds_config(bad)
+
+
+def test_tier_settings_are_reported_when_given():
+    assert parse_block({"device_budget": 10}).tier_settings_given() == []
+    given = parse_block({"cpu_budget": "1GiB", "pool": {"max_size_classes": 4}})
+    assert given.tier_settings_given() == ["cpu_budget", "pool"]
