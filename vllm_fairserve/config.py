@@ -64,6 +64,7 @@ DEFAULT_INTERACTION_IDLE_S = 600.0
 
 #: Seconds in a minute: ``interactions_per_minute`` is per minute, windows are in seconds.
 SECONDS_PER_MINUTE = 60.0
+DEFAULT_POISSON_SLACK_SIGMAS = 3.0
 
 
 class FairServeConfigError(ValueError):
@@ -118,8 +119,19 @@ class ApplicationConfig(_Block):
     allowance scales with it; raise it for machine clients such as code completion."""
 
     def expected_cost_per_call(self, weights: TokenWeights) -> float:
-        """Weighted tokens of one characteristic call (the normalisation unit of this app)."""
+        """Weighted tokens of one characteristic call (the throttle's per-call allowance unit)."""
         return weights.cost(self.expected_input_tokens, self.expected_system_tokens, self.expected_output_tokens)
+
+    def expected_cost_per_minute(self, weights: TokenWeights) -> float:
+        """Weighted tokens one legitimate user of this application consumes per minute.
+
+        This is the counters' normalisation unit: both the shape of a call and how often the
+        application calls are its characteristic, so a code-completion user (short calls, many
+        of them) and a summarisation user (long calls, few) who each use their application as
+        it is meant to be used accrue service at the same normalised rate.
+        """
+        return (self.expected_cost_per_call(weights) * self.calls_per_interaction
+                * self.interactions_per_minute)
 
 
 class TokenWeights(_Block):
@@ -167,6 +179,13 @@ class ThrottleConfig(_Block):
     interaction_idle_s: float = Field(DEFAULT_INTERACTION_IDLE_S, gt=0)
     """Seconds after its last admitted call during which an interaction counts as in progress
     (its further calls are never held)."""
+
+    poisson_slack_sigmas: float = Field(DEFAULT_POISSON_SLACK_SIGMAS, ge=0)
+    """Slack for honest randomness: the allowance adds this many standard deviations
+    (``sqrt(n)`` for ``n`` expected interactions per window) to ``usage_allowance * n``. A
+    legitimate user's interactions arrive roughly as a Poisson process, so at low rates twice
+    the mean is exceeded in many windows; 3 sigmas keep honest users under the allowance in all
+    but about 0.1% of windows while a 10x flood still exceeds it. 0 gives the bare multiple."""
 
 
 def _implicit_default_application(app_id: str) -> ApplicationConfig:

@@ -7,13 +7,18 @@ The scheduler serves the backlogged tenant with the lowest counter next, so coun
 at the same speed mean tenants get equal (weighted, normalised) service.
 
 Units. A raw charge is in *weighted tokens*: ``w_in * input + w_sys * system + w_out * output``
-(``TokenWeights``). The counter adds ``raw * reference_cost / application_cost / tenant_weight``:
+(``TokenWeights``). The counter adds ``raw * reference_rate / application_rate / tenant_weight``:
 
-- ``application_cost`` is the weighted tokens of one characteristic call of the request's
-  application (``ApplicationConfig.expected_cost_per_call``); dividing by it measures service in
-  "characteristic calls", so a tenant using summarisation (long by nature) is not pushed behind
-  a tenant using code completion for asking the same number of ordinary questions;
-- ``reference_cost`` is that of the *default application*. Multiplying by it brings the unit
+- ``application_rate`` is the weighted tokens per minute that one legitimate user of the
+  request's application consumes (``ApplicationConfig.expected_cost_per_minute``: the shape of
+  a call times calls per interaction times interactions per minute). Dividing by it measures
+  service in "characteristic minutes of use", so neither a tenant of a long-by-nature
+  application (summarisation) nor one of a frequent-by-nature one (code completion, agents) is
+  pushed behind a chat tenant for using its application as intended. (Normalising by the cost
+  of one call alone, as a first version did, made a code-completion user at its declared 20
+  calls per minute look three times heavier than a chat user, and the simulator showed it
+  starved under overload.)
+- ``reference_rate`` is that of the *default application*. Multiplying by it brings the unit
   back to weighted tokens, and it makes the default application's factor exactly 1: untagged
   traffic, and every request when no application is configured, is charged exactly as VTC
   charges. Any positive constant would order tenants identically (it scales every counter
@@ -64,12 +69,14 @@ class WeightedServiceCounters:
     def __init__(self, config: FairServeConfig | None = None) -> None:
         self.config = config if config is not None else FairServeConfig()
         self._weights = self.config.token_weights
-        reference_cost = self.config.default_application_config.expected_cost_per_call(self._weights)
-        # reference / own cost per known application; unknown ids use the default's, which is 1.
+        reference_rate = self.config.default_application_config.expected_cost_per_minute(self._weights)
+        # reference / own rate per known application; unknown ids use the default's, which is 1.
         self._normalisation = {
-            app_id: reference_cost / self.config.application(app_id).expected_cost_per_call(self._weights)
+            app_id: reference_rate / self.config.application(app_id).expected_cost_per_minute(self._weights)
             for app_id in self.config.application_ids()
         }
+        # Looked up on every charge: a plain dict, not the config model's accessor.
+        self._tenant_weights = {t.id: t.weight for t in self.config.tenants}
         self._default_normalisation = self._normalisation[self.config.default_application]
         self._counters: dict[str, float] = {}
         self._service: dict[str, TenantService] = {}
@@ -113,7 +120,7 @@ class WeightedServiceCounters:
         return self._add(tenant, application, raw)
 
     def _add(self, tenant: str, application: str, raw: float) -> float:
-        delta = raw * self.normalisation(application) / self.config.tenant_weight(tenant)
+        delta = raw * self.normalisation(application) / self._tenant_weights.get(tenant, 1.0)
         self._counters[tenant] = self._counters.get(tenant, 0.0) + delta
         return delta
 

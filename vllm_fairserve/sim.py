@@ -32,8 +32,10 @@ a step is pure decode (every running request computes one token), nobody can be 
 FIFO head -- for a fair queue, whose head moves, of the smallest prompt in the trace), nothing
 is held and no arrival falls inside, the next steps are identical except for their count, and
 the engine applies k of them at once ("fast-forward"). It stops
-before any finish, block shortage, arrival or sampling tick, and still reports output tokens
-to the policy step by step, so the result is exactly that of stepping one by one
+before any finish, block shortage, arrival or sampling tick, and still makes every per-step
+policy call of the skipped steps -- ``step_start`` with that step's KV usage and waiting count,
+then ``on_output_tokens`` at that step's end -- so the policy's state (FairServe's throttle
+decides arrivals on the load it was last told) is exactly that of stepping one by one
 (``tests/unit/fairserve/test_fairserve_sim.py`` checks this).
 
 Time is kept in integer microseconds so that k steps at once and k single steps reach the
@@ -657,6 +659,15 @@ class Engine:
         for request, reason in expired:
             self._end(request, EndReason.HOLD_EXPIRED, reason)
 
+    def _replay_step_start(self, start_us: int, used_blocks: int, waiting: int) -> None:
+        """The ``step_start`` call of a step inside a fast-forward, with the load it would have
+        seen. Nothing is held during one (``_stretch``), so nothing can be released or expired;
+        the call matters because the policy keeps the load (the throttle decides the next
+        arrivals on the load it was told last)."""
+        released, expired = self.policy.step_start(_s(start_us), used_blocks / self.config.num_kv_blocks, waiting)
+        if released or expired:
+            raise RuntimeError("a held request was released or expired inside a fast-forward, which holds none")
+
     def _end(self, request: SimRequest, reason: EndReason, message: str = "") -> None:
         request.end_time = _s(self._now_us)
         request.end_reason = reason
@@ -806,8 +817,14 @@ class Engine:
         """Advance time by ``steps`` identical steps of ``scheduled`` and account for them.
 
         With steps > 1 every request decodes (one token per step) and none finishes before
-        the last step, by construction of ``_stretch``.
+        the last step, by construction of ``_stretch``; the policy still gets, step by step, the
+        ``step_start`` call of each step after the first (the first had it in ``run``) and the
+        ``on_output_tokens`` calls at each step's end, in the order stepping makes them.
         """
+        # Before this step's tokens are applied: the blocks in use after this (first) step's
+        # scheduling, which the second step's ``step_start`` sees.
+        used_blocks = self.config.num_kv_blocks - self._free_blocks
+        replay = steps > 1 and type(self.policy).step_start is not Policy.step_start
         total_tokens = sum(scheduled.values())
         step_us = self._step_us(total_tokens)
         first_end_us = self._now_us + step_us
@@ -822,7 +839,13 @@ class Engine:
         policy = self.policy
         service = self._service
         block_size = self.config.block_size
+        # by_residue[m]: running requests whose computed tokens before this step are m modulo the
+        # block size; the j-th step (from 0) takes a new block for each of them with
+        # (computed + j) % block_size == 0.
+        by_residue = [0] * block_size if replay else None
         for request, tokens in scheduled.items():
+            if by_residue is not None:
+                by_residue[request.computed % block_size] += 1
             computed = request.computed + tokens + (steps - 1)
             if steps > 1:
                 blocks = -(-computed // block_size)
@@ -851,10 +874,16 @@ class Engine:
             if request.generated == request.output_tokens:
                 finished.append(request)
         self._tokens_served += served_tokens
-        # Output is charged step by step, at each step's end, so that counters and the
-        # throttle's usage window see exactly what stepping one by one would show them.
-        for step in range(1, steps + 1):
-            step_end_s = _s(first_end_us + (step - 1) * step_us)
+        # Step by step, as stepping one by one calls them: the step's ``step_start`` with the
+        # load at its start (the throttle's overload signal: KV usage grows during a stretch
+        # while the waiting count stays), then its output charged at its end, so that counters
+        # and the throttle (usage window and load) see exactly what stepping would show them.
+        waiting = policy.num_waiting()
+        for step in range(steps):
+            if step and by_residue is not None:
+                self._replay_step_start(first_end_us + (step - 1) * step_us, used_blocks, waiting)
+                used_blocks += by_residue[-step % block_size]  # taken by this step's scheduling
+            step_end_s = _s(first_end_us + step * step_us)
             for key, tokens in outputs.items():
                 policy.on_output_tokens(identities[key], tokens, step_end_s)
         for request in finished:

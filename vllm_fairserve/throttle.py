@@ -32,6 +32,8 @@ Time is always passed in (a monotonic clock, in seconds) so decisions are determ
 
 from __future__ import annotations
 
+import math
+
 import enum
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field, replace
@@ -143,9 +145,12 @@ class Throttle:
         return self._allowance(app)
 
     def _allowance(self, app: ApplicationConfig) -> float:
-        windows_per_minute = self._limits.window_s / SECONDS_PER_MINUTE
-        calls_per_window = app.interactions_per_minute * windows_per_minute * app.calls_per_interaction
-        return self._limits.usage_allowance * calls_per_window * app.expected_cost_per_call(self._weights)
+        """``usage_allowance`` times the expected interactions in a window, plus Poisson slack
+        (``poisson_slack_sigmas`` standard deviations, ``sqrt(n)``; see ``ThrottleConfig``)."""
+        expected = app.interactions_per_minute * self._limits.window_s / SECONDS_PER_MINUTE
+        interactions = (self._limits.usage_allowance * expected
+                        + self._limits.poisson_slack_sigmas * math.sqrt(expected))
+        return interactions * app.calls_per_interaction * app.expected_cost_per_call(self._weights)
 
     def usage(self, identity: RequestIdentity, now: float) -> float:
         """Weighted tokens the identity's (tenant, application) used in the window ending now."""

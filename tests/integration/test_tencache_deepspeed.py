@@ -146,6 +146,7 @@ def test_two_ranks_identical_to_stock(tmp_path, tiny_model_dir, base_config, hal
 def _hf_trainer_losses(tmp_path, model_dir, ds_config: dict, name: str):
     import torch
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     from ds_tencache.training_run import ensure_single_process_env
     from tiny_llama import causal_lm_batches
@@ -161,7 +162,12 @@ def _hf_trainer_losses(tmp_path, model_dir, ds_config: dict, name: str):
                              logging_steps=1, report_to=[], save_strategy="no", seed=0,
                              disable_tqdm=True)
     trainer = Trainer(model=model, args=args, train_dataset=data)
-    trainer.train()
+    try:
+        trainer.train()
+    finally:
+        # TrainingArguments(deepspeed=...) registers a process-wide ZeRO-3 flag in transformers;
+        # left set, every later from_pretrained in this process would build under zero.Init.
+        unset_hf_deepspeed_config()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     return losses, trainer
 

@@ -178,20 +178,16 @@ def test_missing_file_names_the_file(tmp_path):
         load_config(missing)
 
 
-def test_bad_yaml_file_names_the_file(tmp_path):
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("fairserve:\n  tenants: [\n")
+@pytest.mark.parametrize("name, text, complaint", [
+    ("bad.yaml", "fairserve:\n  tenants: [\n", "not valid YAML"),
+    ("bad.json", '{"tenants": [}', "not valid JSON"),
+])
+def test_unparsable_file_names_the_file(tmp_path, name, text, complaint):
+    bad = tmp_path / name
+    bad.write_text(text)
     with pytest.raises(FairServeConfigError) as error:
         load_config(bad)
-    assert str(bad) in str(error.value) and "not valid YAML" in str(error.value)
-
-
-def test_bad_json_file_names_the_file(tmp_path):
-    bad = tmp_path / "bad.json"
-    bad.write_text('{"tenants": [}')
-    with pytest.raises(FairServeConfigError) as error:
-        load_config(bad)
-    assert str(bad) in str(error.value) and "not valid JSON" in str(error.value)
+    assert str(bad) in str(error.value) and complaint in str(error.value)
 
 
 def test_validation_error_in_a_file_names_the_file_and_key(tmp_path):

@@ -61,27 +61,33 @@ def test_tenant_weight_divides_the_charge():
     assert counters.service("gold").weighted_tokens == counters.service("plain").weighted_tokens == 400
 
 
-def test_a_characteristic_call_of_any_application_costs_the_reference():
-    """Normalisation: one call of an application's own shape is worth one default call."""
+def test_a_characteristic_minute_of_any_application_costs_the_reference():
+    """Normalisation: one minute of an application used as characterised is worth one default minute."""
     config = load_config({"applications": [SUMMARISE, COMPLETE]})
     counters = WeightedServiceCounters(config)
-    reference = config.default_application_config.expected_cost_per_call(config.token_weights)
+    reference = config.default_application_config.expected_cost_per_minute(config.token_weights)
     for app in (SUMMARISE, COMPLETE):
         tenant = f"user-of-{app['id']}"
-        counters.charge_prefill(tenant, app["id"], app["expected_input_tokens"], app["expected_system_tokens"])
-        counters.charge_decode(tenant, app["id"], app["expected_output_tokens"])
-        assert counters.counter(tenant) == pytest.approx(reference)
-    # ...while the raw service differs by the shapes' ratio.
+        calls = app.get("calls_per_interaction", 1) * app["interactions_per_minute"]
+        for _ in range(int(calls)):
+            counters.charge_prefill(tenant, app["id"], app["expected_input_tokens"],
+                                    app["expected_system_tokens"])
+            counters.charge_decode(tenant, app["id"], app["expected_output_tokens"])
+        assert counters.counter(tenant) == pytest.approx(reference * int(calls) / calls)
+    # ...while the raw service differs by the shapes and rates.
     long_raw = counters.service("user-of-summarise").weighted_tokens
     short_raw = counters.service("user-of-complete").weighted_tokens
-    assert long_raw == pytest.approx(4000 + 100 + 2 * 300)
-    assert short_raw == pytest.approx(256 + 64 + 2 * 32)
+    assert long_raw == pytest.approx((4000 + 100 + 2 * 300) * int(SUMMARISE["interactions_per_minute"]))
+    assert short_raw == pytest.approx((256 + 64 + 2 * 32) * int(COMPLETE["interactions_per_minute"]))
 
 
 def test_unknown_application_is_charged_as_the_default():
-    counters = WeightedServiceCounters(load_config({"applications": [SUMMARISE]}))
+    config = load_config({"applications": [SUMMARISE]})
+    counters = WeightedServiceCounters(config)
     assert counters.normalisation("nobody-configured-this") == 1.0
-    assert counters.normalisation("summarise") == pytest.approx((256 + 2 * 256) / (4000 + 100 + 600))
+    default_rate = (256 + 2 * 256) * config.default_application_config.interactions_per_minute
+    summarise_rate = (4000 + 100 + 600) * SUMMARISE["interactions_per_minute"]
+    assert counters.normalisation("summarise") == pytest.approx(default_rate / summarise_rate)
 
 
 def test_negative_token_counts_are_rejected():

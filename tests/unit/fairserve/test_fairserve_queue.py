@@ -337,7 +337,12 @@ def test_weighted_tenants_share_in_proportion_to_weight():
 
 
 def test_tenant_on_a_long_application_is_not_pushed_back_for_its_shape():
-    """Normalisation: equal numbers of characteristic calls, not equal raw tokens."""
+    """Normalisation: equal characteristic minutes of use, not equal raw tokens.
+
+    A summarisation user characteristically makes 1 long call a minute, a chat user (the default
+    application) 6 short ones, so backlogged side by side they get calls in that ratio, and
+    equal shares of their applications' characteristic usage.
+    """
     summarise = {
         "id": "summarise",
         "expected_input_tokens": 4000,
@@ -358,7 +363,8 @@ def test_tenant_on_a_long_application_is_not_pushed_back_for_its_shape():
         counters.charge_decode(request.tenant, app, output_tokens)
         calls[request.tenant] += 1
         queue.add_request(FakeRequest(f"{request.tenant}{next(clock)}", request.tenant, float(next(clock))))
-    assert abs(calls["reader"] - calls["chatter"]) <= 1
+    default_per_minute = load_config(None).default_application_config.interactions_per_minute
+    assert calls["chatter"] / calls["reader"] == pytest.approx(default_per_minute / 1, rel=0.02)
 
 
 @settings(max_examples=20, deadline=None)

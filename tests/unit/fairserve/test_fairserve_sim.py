@@ -9,7 +9,7 @@ import time
 from dataclasses import replace
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from vllm_fairserve.sim import (
@@ -187,8 +187,14 @@ def test_same_seed_same_results_and_another_seed_differs():
         assert fingerprint(first) != fingerprint(other)
 
 
+#: Found by hypothesis: a flood overloads the KV cache during a fast-forward, and the next
+#: arrival was decided on the load of the stretch's first step instead of its last.
+KV_OVERLOAD_IN_A_STRETCH = dict(users=[("chat", Abuse.FLOOD, 2.0)], seed=1, policy="fairserve")
+
+
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(users=USERS, seed=st.integers(0, 2**16), policy=st.sampled_from(POLICY_NAMES))
+@example(**KV_OVERLOAD_IN_A_STRETCH)
 def test_fast_forward_is_exactly_stepping_one_by_one(users, seed, policy):
     specs = [UserSpec(f"u{i}", app, rate_multiplier=rate, abuse=abuse) for i, (app, abuse, rate) in enumerate(users)]
     workload = generate_workload(specs, duration_s=60.0, seed=seed)
@@ -196,6 +202,46 @@ def test_fast_forward_is_exactly_stepping_one_by_one(users, seed, policy):
     slow = simulate(workload, policy, EngineConfig(fast_forward=False))
     assert fingerprint(fast) == fingerprint(slow)
     assert fast.samples == slow.samples and fast.steps == slow.steps
+
+
+class _CallLog(FairServePolicy):
+    """FairServe that logs every per-step call the engine makes and every throttle decision."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.log: list[tuple] = []
+
+    def submit(self, request, now):
+        admission = super().submit(request, now)
+        self.log.append(("submit", request.id, now, admission[0], self.throttle.overloaded))
+        return admission
+
+    def step_start(self, now, kv_usage, waiting):
+        self.log.append(("step_start", now, kv_usage, waiting))
+        return super().step_start(now, kv_usage, waiting)
+
+    def on_output_tokens(self, identity, tokens, now):
+        self.log.append(("output", identity.tenant, identity.application, tokens, now))
+        super().on_output_tokens(identity, tokens, now)
+
+
+def test_fast_forward_tells_the_throttle_the_load_of_every_skipped_step():
+    """Regression: the throttle decides an arrival on the load it was told last. A fast-forward
+    used to tell it only the load before its first step, while the KV cache filled up during
+    the stretch, so an arrival right after one was admitted instead of held. Every per-step
+    call (``step_start`` with that step's KV usage and waiting count, ``on_output_tokens``)
+    must reach the policy exactly as stepping one by one makes it."""
+    users = KV_OVERLOAD_IN_A_STRETCH["users"]
+    specs = [UserSpec(f"u{i}", app, rate_multiplier=rate, abuse=abuse) for i, (app, abuse, rate) in enumerate(users)]
+    workload = generate_workload(specs, duration_s=60.0, seed=KV_OVERLOAD_IN_A_STRETCH["seed"])
+    fast_policy, slow_policy = _CallLog(workload.fairserve_config()), _CallLog(workload.fairserve_config())
+    fast = simulate(workload, fast_policy, EngineConfig())
+    slow = simulate(workload, slow_policy, EngineConfig(fast_forward=False))
+    assert fast.steps == slow.steps and fast.steps > 0
+    assert any(r.held for r in slow.requests), "the scenario must make the throttle hold, or it proves nothing"
+    assert fast_policy.log == slow_policy.log
+    assert fingerprint(fast) == fingerprint(slow)
+    assert fast.samples == slow.samples
 
 
 # ------------------------------------------------------------------------------ throttling

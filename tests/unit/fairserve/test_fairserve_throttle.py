@@ -39,6 +39,7 @@ THROTTLE = {
     "kv_usage_threshold": 0.9,
     "waiting_queue_threshold": 10,
     "interaction_idle_s": 120,
+    "poisson_slack_sigmas": 0,  # the bare multiple keeps the arithmetic below readable
 }
 CONFIG = load_config({"applications": [CHAT, AGENT], "throttle": THROTTLE})
 CHAT_ALLOWANCE = 1200.0
@@ -60,8 +61,20 @@ def test_allowance_is_the_characteristic_times_the_allowance():
     assert throttle.allowance("chat") == pytest.approx(CHAT_ALLOWANCE)
     assert throttle.allowance("agent") == pytest.approx(AGENT_ALLOWANCE)
     # The allowance scales with the window: half the window, half the tokens.
-    half = Throttle(load_config({"applications": [CHAT], "throttle": {"window_s": 30}}))
+    half = Throttle(load_config({"applications": [CHAT],
+                                 "throttle": {"window_s": 30, "poisson_slack_sigmas": 0}}))
     assert half.allowance("chat") == pytest.approx(CHAT_ALLOWANCE / 2)
+
+
+def test_poisson_slack_grows_with_the_square_root_of_the_expected_count():
+    # chat expects 3 interactions a minute: 2 * 3 + 3 * sqrt(3) interactions of 200 tokens.
+    slack = Throttle(load_config({"applications": [CHAT],
+                                  "throttle": {**THROTTLE, "poisson_slack_sigmas": 3}}))
+    assert slack.allowance("chat") == pytest.approx((2 * 3 + 3 * 3 ** 0.5) * 200)
+    # A user expected to call once in ten windows may still call once in any window.
+    rare = {**CHAT, "id": "rare", "interactions_per_minute": 0.1}
+    rare_throttle = Throttle(load_config({"applications": [rare], "throttle": {"window_s": 60}}))
+    assert rare_throttle.allowance("rare") >= 200
 
 
 @pytest.mark.parametrize(
