@@ -1,0 +1,157 @@
+"""The machine a step is simulated on: compute rate, memories and the links between the tiers.
+
+Every number of a preset is either a vendor datasheet figure (cited beside it) or a stated
+assumption. Link and compute rates are peak figures times a named achievable fraction, because no
+real transfer or GEMM reaches the datasheet peak and the simulator should not pretend one does.
+:func:`measure_host` builds the same model for the machine this runs on (no GPU: "device" is
+the CPU itself), which is what the calibration against the real CPU benchmark uses.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+GB = 1e9
+GiB = 2**30
+TFLOPS = 1e12
+
+# Share of dense bf16 peak that large transformer training reaches (model FLOPs utilisation):
+# Megatron-LM reports 52% of peak on A100 (Narayanan et al. 2021, SC'21, GPT-3 175B on 3072 GPUs)
+# and PaLM 46.2% MFU (Chowdhery et al. 2022, Table 3); we take the middle, 0.5.
+ACHIEVABLE_FLOP_FRACTION = 0.5
+# Share of the PCIe link's per-direction peak that pinned-memory cudaMemcpy reaches: A100 on
+# PCIe 4 x16 measures ~25 GB/s of 31.5 (NVIDIA bandwidthTest / nvbandwidth results); 0.8.
+ACHIEVABLE_PCIE_FRACTION = 0.8
+# PCIe per-direction peak of an x16 link: 16 lanes x GT/s x 128/130 encoding / 8 bits.
+PCIE4_X16_GBPS = 16 * 16 * 128 / 130 / 8  # 31.5 GB/s
+PCIE5_X16_GBPS = 16 * 32 * 128 / 130 / 8  # 63.0 GB/s
+# CPU Adam (DeepSpeedCPUAdam, AVX-512) on a single-GPU cloud host's 12-26 vCPUs. ZeRO-Offload
+# (Ren et al. 2021, Table 3) measures 1B parameters in ~0.2-0.3 s on a two-socket server; a
+# single-GPU VM has a fraction of those cores, so we assume 2e9 parameters/s (an assumption).
+CPU_ADAM_PARAMS_PER_S = 2e9
+# Pinned host memory the training process may use: DeepSpeed pins its buffers and the OS, the
+# data loader and the unpinned fp32 partitions need the rest; we assume 3/4 of host DRAM.
+PINNED_SHARE_OF_HOST = 0.75
+# Per sub-module cost of ZeRO-3's Python hooks and kernel launches on a GPU host (assumption:
+# DeepSpeed's coordinator does tens of microseconds of Python per fetch and release).
+GPU_HOOK_OVERHEAD_S = 50e-6
+
+
+@dataclass(frozen=True)
+class HardwareModel:
+    """One accelerator and its host. Rates are achievable, not peak (see the fraction fields)."""
+
+    name: str
+    peak_flops: float  # dense bf16 FLOP/s of the accelerator
+    flop_fraction: float  # achievable share of peak_flops
+    gpu_mem_bytes: int
+    h2d_bytes_per_s: float  # pinned host -> device, achievable
+    d2h_bytes_per_s: float  # device -> pinned host, achievable
+    nvme_read_bytes_per_s: float
+    nvme_write_bytes_per_s: float
+    pinned_cpu_bytes: int  # host memory the process may pin for the CPU tier
+    cpu_adam_params_per_s: float
+    group_overhead_s: float  # fixed cost per fetch group (hooks, launches)
+
+    @property
+    def flops_per_s(self) -> float:
+        return self.peak_flops * self.flop_fraction
+
+    def compute_s(self, flops: float) -> float:
+        """Time of one fetch group's compute: its FLOPs at the achievable rate plus hook cost."""
+        return flops / self.flops_per_s + self.group_overhead_s
+
+
+def _host_pinned(host_bytes: float) -> int:
+    return int(host_bytes * PINNED_SHARE_OF_HOST)
+
+
+# NVIDIA A100 40GB PCIe datasheet: 312 TFLOP/s dense BF16, 40 GB HBM2, PCIe Gen4 x16.
+# Host: Google Cloud a2-highgpu-1g (1 x A100 40GB, 12 vCPU, 85 GB memory; GCP machine-type docs).
+# NVMe: Samsung PM1733 PCIe 4 U.2 datasheet, 7.0 GB/s sequential read, 3.8 GB/s sequential write.
+A100_40GB = HardwareModel(
+    name="A100-40GB (PCIe 4)", peak_flops=312 * TFLOPS, flop_fraction=ACHIEVABLE_FLOP_FRACTION,
+    gpu_mem_bytes=40 * GiB,
+    h2d_bytes_per_s=PCIE4_X16_GBPS * GB * ACHIEVABLE_PCIE_FRACTION,
+    d2h_bytes_per_s=PCIE4_X16_GBPS * GB * ACHIEVABLE_PCIE_FRACTION,
+    nvme_read_bytes_per_s=7.0 * GB, nvme_write_bytes_per_s=3.8 * GB,
+    pinned_cpu_bytes=_host_pinned(85 * GB), cpu_adam_params_per_s=CPU_ADAM_PARAMS_PER_S,
+    group_overhead_s=GPU_HOOK_OVERHEAD_S,
+)
+
+# NVIDIA L40S datasheet: 362 TFLOP/s dense BF16 (733 with sparsity), 48 GB GDDR6, PCIe Gen4 x16.
+# Host: AWS g6e.4xlarge (1 x L40S, 16 vCPU, 128 GiB; EC2 instance-type docs).
+# NVMe: Samsung PM1733 as above (the instance's local NVMe is of this class).
+L40S = HardwareModel(
+    name="L40S (PCIe 4)", peak_flops=362 * TFLOPS, flop_fraction=ACHIEVABLE_FLOP_FRACTION,
+    gpu_mem_bytes=48 * GiB,
+    h2d_bytes_per_s=PCIE4_X16_GBPS * GB * ACHIEVABLE_PCIE_FRACTION,
+    d2h_bytes_per_s=PCIE4_X16_GBPS * GB * ACHIEVABLE_PCIE_FRACTION,
+    nvme_read_bytes_per_s=7.0 * GB, nvme_write_bytes_per_s=3.8 * GB,
+    pinned_cpu_bytes=_host_pinned(128 * GiB), cpu_adam_params_per_s=CPU_ADAM_PARAMS_PER_S,
+    group_overhead_s=GPU_HOOK_OVERHEAD_S,
+)
+
+# NVIDIA H100 SXM5 datasheet: 989 TFLOP/s dense BF16 (1979 with sparsity), 80 GB HBM3, host link
+# PCIe Gen5 x16. Host: Google Cloud a3-highgpu-1g (1 x H100 80GB, 26 vCPU, 234 GB; GCP docs).
+# NVMe: Samsung PM1743 PCIe 5 datasheet, 13.0 GB/s sequential read, 6.6 GB/s sequential write.
+H100 = HardwareModel(
+    name="H100-80GB (PCIe 5)", peak_flops=989 * TFLOPS, flop_fraction=ACHIEVABLE_FLOP_FRACTION,
+    gpu_mem_bytes=80 * GiB,
+    h2d_bytes_per_s=PCIE5_X16_GBPS * GB * ACHIEVABLE_PCIE_FRACTION,
+    d2h_bytes_per_s=PCIE5_X16_GBPS * GB * ACHIEVABLE_PCIE_FRACTION,
+    nvme_read_bytes_per_s=13.0 * GB, nvme_write_bytes_per_s=6.6 * GB,
+    pinned_cpu_bytes=_host_pinned(234 * GB), cpu_adam_params_per_s=CPU_ADAM_PARAMS_PER_S,
+    group_overhead_s=GPU_HOOK_OVERHEAD_S,
+)
+
+PRESETS: dict[str, HardwareModel] = {"a100-40gb": A100_40GB, "l40s": L40S, "h100": H100}
+
+# Sizes of the host measurements: big enough to leave the caches and amortise call overhead,
+# small enough that measuring takes a few seconds on 2 cores.
+MEASURE_COPY_BYTES = 64 * 2**20
+MEASURE_MATMUL_DIM = 512  # the tiny models' hidden size: the GEMM shapes the calibration runs
+MEASURE_REPEATS = 5
+
+
+def measure_host(gpu_mem_bytes: int, pinned_cpu_bytes: int, group_overhead_s: float) -> HardwareModel:
+    """A hardware model of this CPU-only machine, measured with torch in a few seconds.
+
+    With no accelerator, DeepSpeed's "device" is host memory, so every link (H2D, D2H and, for
+    lack of a separate disk measurement, NVMe) is a memcpy; the FLOP rate is that of fp32 GEMMs of
+    the calibration model's size. ``group_overhead_s`` (ZeRO-3's Python work per sub-module) is
+    passed in: it is a property of the training run, not of the hardware.
+    """
+    import torch
+
+    source = torch.empty(MEASURE_COPY_BYTES, dtype=torch.uint8)
+    target = torch.empty_like(source)
+    copy_s = _best_of(lambda: target.copy_(source))
+    a = torch.randn(MEASURE_MATMUL_DIM * 4, MEASURE_MATMUL_DIM)
+    b = torch.randn(MEASURE_MATMUL_DIM, MEASURE_MATMUL_DIM * 4)
+    matmul_s = _best_of(lambda: a @ b)
+    memcpy = MEASURE_COPY_BYTES / copy_s
+    flops = 2.0 * a.shape[0] * a.shape[1] * b.shape[1] / matmul_s
+    adam_params = 2**22
+    params = [torch.zeros(adam_params, requires_grad=True)]
+    params[0].grad = torch.ones(adam_params)
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    adam_s = _best_of(optimizer.step)
+    return HardwareModel(
+        name=f"this host ({torch.get_num_threads()} threads, measured)", peak_flops=flops,
+        flop_fraction=1.0, gpu_mem_bytes=gpu_mem_bytes, h2d_bytes_per_s=memcpy,
+        d2h_bytes_per_s=memcpy, nvme_read_bytes_per_s=memcpy, nvme_write_bytes_per_s=memcpy,
+        pinned_cpu_bytes=pinned_cpu_bytes, cpu_adam_params_per_s=adam_params / adam_s,
+        group_overhead_s=group_overhead_s)
+
+
+def _best_of(run) -> float:
+    """Fastest of a few timed runs after one warm-up: the machine's rate, not its noise."""
+    run()
+    times = []
+    for _ in range(MEASURE_REPEATS):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return min(times)
