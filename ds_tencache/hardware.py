@@ -67,44 +67,33 @@ def _host_pinned(host_bytes: float) -> int:
     return int(host_bytes * PINNED_SHARE_OF_HOST)
 
 
+def _datasheet_preset(name: str, dense_tflops: float, gpu_mem: int, pcie_gbps: float,
+                      nvme_read_gbps: float, nvme_write_gbps: float, host_bytes: float) -> HardwareModel:
+    """A preset from datasheet figures, derated by the named achievable fractions above."""
+    link = pcie_gbps * GB * ACHIEVABLE_PCIE_FRACTION
+    return HardwareModel(
+        name=name, peak_flops=dense_tflops * TFLOPS, flop_fraction=ACHIEVABLE_FLOP_FRACTION,
+        gpu_mem_bytes=gpu_mem, h2d_bytes_per_s=link, d2h_bytes_per_s=link,
+        nvme_read_bytes_per_s=nvme_read_gbps * GB, nvme_write_bytes_per_s=nvme_write_gbps * GB,
+        pinned_cpu_bytes=_host_pinned(host_bytes), cpu_adam_params_per_s=CPU_ADAM_PARAMS_PER_S,
+        group_overhead_s=GPU_HOOK_OVERHEAD_S,
+    )
+
+
 # NVIDIA A100 40GB PCIe datasheet: 312 TFLOP/s dense BF16, 40 GB HBM2, PCIe Gen4 x16.
 # Host: Google Cloud a2-highgpu-1g (1 x A100 40GB, 12 vCPU, 85 GB memory; GCP machine-type docs).
 # NVMe: Samsung PM1733 PCIe 4 U.2 datasheet, 7.0 GB/s sequential read, 3.8 GB/s sequential write.
-A100_40GB = HardwareModel(
-    name="A100-40GB (PCIe 4)", peak_flops=312 * TFLOPS, flop_fraction=ACHIEVABLE_FLOP_FRACTION,
-    gpu_mem_bytes=40 * GiB,
-    h2d_bytes_per_s=PCIE4_X16_GBPS * GB * ACHIEVABLE_PCIE_FRACTION,
-    d2h_bytes_per_s=PCIE4_X16_GBPS * GB * ACHIEVABLE_PCIE_FRACTION,
-    nvme_read_bytes_per_s=7.0 * GB, nvme_write_bytes_per_s=3.8 * GB,
-    pinned_cpu_bytes=_host_pinned(85 * GB), cpu_adam_params_per_s=CPU_ADAM_PARAMS_PER_S,
-    group_overhead_s=GPU_HOOK_OVERHEAD_S,
-)
+A100_40GB = _datasheet_preset("A100-40GB (PCIe 4)", 312, 40 * GiB, PCIE4_X16_GBPS, 7.0, 3.8, 85 * GB)
 
 # NVIDIA L40S datasheet: 362 TFLOP/s dense BF16 (733 with sparsity), 48 GB GDDR6, PCIe Gen4 x16.
 # Host: AWS g6e.4xlarge (1 x L40S, 16 vCPU, 128 GiB; EC2 instance-type docs).
 # NVMe: Samsung PM1733 as above (the instance's local NVMe is of this class).
-L40S = HardwareModel(
-    name="L40S (PCIe 4)", peak_flops=362 * TFLOPS, flop_fraction=ACHIEVABLE_FLOP_FRACTION,
-    gpu_mem_bytes=48 * GiB,
-    h2d_bytes_per_s=PCIE4_X16_GBPS * GB * ACHIEVABLE_PCIE_FRACTION,
-    d2h_bytes_per_s=PCIE4_X16_GBPS * GB * ACHIEVABLE_PCIE_FRACTION,
-    nvme_read_bytes_per_s=7.0 * GB, nvme_write_bytes_per_s=3.8 * GB,
-    pinned_cpu_bytes=_host_pinned(128 * GiB), cpu_adam_params_per_s=CPU_ADAM_PARAMS_PER_S,
-    group_overhead_s=GPU_HOOK_OVERHEAD_S,
-)
+L40S = _datasheet_preset("L40S (PCIe 4)", 362, 48 * GiB, PCIE4_X16_GBPS, 7.0, 3.8, 128 * GiB)
 
 # NVIDIA H100 SXM5 datasheet: 989 TFLOP/s dense BF16 (1979 with sparsity), 80 GB HBM3, host link
 # PCIe Gen5 x16. Host: Google Cloud a3-highgpu-1g (1 x H100 80GB, 26 vCPU, 234 GB; GCP docs).
 # NVMe: Samsung PM1743 PCIe 5 datasheet, 13.0 GB/s sequential read, 6.6 GB/s sequential write.
-H100 = HardwareModel(
-    name="H100-80GB (PCIe 5)", peak_flops=989 * TFLOPS, flop_fraction=ACHIEVABLE_FLOP_FRACTION,
-    gpu_mem_bytes=80 * GiB,
-    h2d_bytes_per_s=PCIE5_X16_GBPS * GB * ACHIEVABLE_PCIE_FRACTION,
-    d2h_bytes_per_s=PCIE5_X16_GBPS * GB * ACHIEVABLE_PCIE_FRACTION,
-    nvme_read_bytes_per_s=13.0 * GB, nvme_write_bytes_per_s=6.6 * GB,
-    pinned_cpu_bytes=_host_pinned(234 * GB), cpu_adam_params_per_s=CPU_ADAM_PARAMS_PER_S,
-    group_overhead_s=GPU_HOOK_OVERHEAD_S,
-)
+H100 = _datasheet_preset("H100-80GB (PCIe 5)", 989, 80 * GiB, PCIE5_X16_GBPS, 13.0, 6.6, 234 * GB)
 
 PRESETS: dict[str, HardwareModel] = {"a100-40gb": A100_40GB, "l40s": L40S, "h100": H100}
 
