@@ -1,0 +1,416 @@
+"""FairServe inside vLLM: ``FairScheduler``, a subclass of vLLM's V1 ``Scheduler`` (0.32).
+
+This is the only module that imports vLLM internals. It translates between vLLM's scheduler
+and the pure policy modules, and decides nothing itself: the order of waiting requests comes
+from ``FairRequestQueue`` (queue.py), charges and the lift from ``WeightedServiceCounters``
+(counters.py), holds, releases and deadlines from ``Throttle`` (throttle.py), the tenant of a
+request from ``identity_from_extra_args`` (identity.py), every number from the ``fairserve``
+block (config.py).
+
+Usage: ``vllm serve MODEL --scheduler-cls vllm_fairserve.FairScheduler
+--additional-config '{"fairserve": {...}}'`` (or ``LLM(..., scheduler_cls=..., additional_config=...)``).
+The block may be inline, a JSON string, or a path to a JSON/YAML file; an invalid one stops the
+engine at start-up with a message naming the key.
+
+How each part of vLLM's scheduler is bound (the upstream methods overridden are listed in
+``OVERRIDDEN_UPSTREAM_METHODS``; a test pins their signatures):
+
+- **Waiting queue.** ``self.waiting`` becomes a ``FairRequestQueue``: the next request admitted
+  is the head of the waiting tenant with the lowest counter. Preempted and skipped requests go
+  back to the front of their own tenant's queue (``prepend_request(s)``). vLLM's second queue,
+  ``kv_holding_waiting``, stays vLLM's: it only holds requests that already own KV blocks
+  (async KV loads, streaming sessions between chunks) and vLLM drains it first so that a block
+  holder never waits behind a request whose allocation fails; reordering it would not change
+  who gets blocks.
+- **Charging** (``update_from_output``). Prompt tokens are charged when the step that computed
+  them comes back, output tokens when they are appended to the request. Which prompt positions
+  a step computes is known when it is scheduled (``schedule``), so it is noted there and charged
+  in the matching ``update_from_output``; this also holds under async scheduling, where the
+  next step is scheduled before the previous one's output arrives. Each prompt position is
+  charged at most once: positions the prefix cache served are not computed and not charged,
+  and the recomputation after a preemption (the prompt again, plus the earlier output replayed
+  as prefill) is not charged either. The victim's tenant did not ask for that work; the
+  scheduler chose it, and it chose the tenant already furthest ahead, so charging again would
+  punish it twice. Output tokens are charged once each, when generated (a stale output that
+  vLLM delivers after a preemption was generated, so it is charged; one vLLM drops is not).
+  Output tokens also count toward the throttle's usage window; prompts are counted there by the
+  throttle itself when a request is admitted.
+- **Preemption victim.** vLLM 0.32 picks the FCFS victim inline in ``schedule()`` as
+  ``self.running[-1]`` (then ``self.running.pop()``), with no hook. Counters only change in
+  ``update_from_output``, never during ``schedule()``, so ordering ``self.running`` by ascending
+  counter just before each ``schedule()`` makes every one of those picks the running request of
+  the tenant with the highest counter (of its requests, the one with the least KV computed,
+  whose recomputation wastes least). The same order serves running requests lowest counter
+  first when the token budget is short. vLLM's ``priority`` policy picks victims differently,
+  so it is refused at construction.
+- **Throttle.** ``add_request`` asks ``Throttle.submit`` (after reporting the load: KV-cache
+  usage and the length of vLLM's waiting queues). A held request goes through vLLM's own
+  ``add_request`` bookkeeping (it is in ``self.requests``, so client aborts and shutdown find
+  it) but is kept out of the queues, in ``_held``. Each ``schedule()`` releases what the
+  throttle lets go into the queue and ends what waited past ``max_hold_s``: vLLM's own
+  ``finish_requests(..., FINISHED_ABORTED)`` frees it, and the next ``update_from_output``
+  returns its final output (finish reason ``abort``, the throttle's reason as ``stop_reason``),
+  so the client gets a response; a warning names the tenant and the reason. Held requests count
+  as waiting in ``get_request_counts``, so the engine keeps stepping while some are held and
+  vLLM's stats show them. Streaming-input sessions (``resumable``) are never held: their chunks
+  belong to one interaction.
+- **Activity.** The queue activates a tenant (VTC's lift) when its queue becomes non-empty; this
+  module deactivates it when its last request that is waiting or running finishes
+  (``_free_request``, the one place every finish path of vLLM's scheduler goes through).
+- **Async scheduling** (vLLM's default on GPU): ``AsyncFairScheduler`` combines this class with
+  vLLM's ``AsyncScheduler``, as vLLM's own ``DiffusionAsyncScheduler`` does. Naming
+  ``FairScheduler`` is enough: when ``scheduler_config.async_scheduling`` is on it constructs an
+  ``AsyncFairScheduler``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import vllm
+from vllm.config import VllmConfig
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+from vllm.v1.core.sched.output import SchedulerOutput
+from vllm.v1.core.sched.request_queue import SchedulingPolicy
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
+from vllm.v1.outputs import ModelRunnerOutput
+from vllm.v1.request import Request, RequestStatus
+
+from vllm_fairserve.config import FAIRSERVE_KEY, FairServeConfig, FairServeConfigError, load_config
+from vllm_fairserve.counters import WeightedServiceCounters
+from vllm_fairserve.identity import RequestIdentity, identity_from_extra_args
+from vllm_fairserve.queue import FairRequestQueue
+from vllm_fairserve.throttle import Decision, Throttle
+
+logger = logging.getLogger(__name__)
+
+#: The vLLM release this adapter is written and tested against. Other 0.32.x releases are
+#: expected to work (the scheduler interface is what the pin test checks); others are warned about.
+VLLM_VERSION = "0.32.0"
+_SUPPORTED_SERIES = VLLM_VERSION.rsplit(".", 1)[0] + "."
+
+#: The upstream ``Scheduler`` methods this module overrides. tests/integration pins their
+#: signatures (and the inline FCFS victim pick in ``schedule``) so an upgrade fails loudly.
+OVERRIDDEN_UPSTREAM_METHODS = (
+    "__init__",
+    "schedule",
+    "update_from_output",
+    "add_request",
+    "get_request_counts",
+    "_enqueue_waiting_request",
+    "_free_request",
+)
+
+if not vllm.__version__.startswith(_SUPPORTED_SERIES):
+    logger.warning(
+        "vllm_fairserve's FairScheduler is written against vLLM %s, but vLLM %s is installed; "
+        "run tests/integration/test_fair_scheduler.py before relying on it",
+        VLLM_VERSION, vllm.__version__,
+    )
+
+
+def fairserve_config_from(vllm_config: VllmConfig) -> FairServeConfig:
+    """The ``fairserve`` block of vLLM's ``additional_config`` (defaults when there is none)."""
+    additional = vllm_config.additional_config
+    block = additional.get(FAIRSERVE_KEY) if isinstance(additional, Mapping) else None
+    try:
+        return load_config(block)
+    except FairServeConfigError as error:
+        origin = f"(read from vLLM's --additional-config '{{\"{FAIRSERVE_KEY}\": ...}}')"
+        raise FairServeConfigError(f"{error}\n{origin}") from None
+
+
+def _check_policy(vllm_config: VllmConfig) -> None:
+    policy = vllm_config.scheduler_config.policy
+    if policy != SchedulingPolicy.FCFS.value:
+        raise ValueError(
+            f"scheduling_policy = {policy!r}: FairScheduler orders requests by tenant service counters "
+            f"and needs vLLM's {SchedulingPolicy.FCFS.value!r} policy (the default); "
+            "drop --scheduling-policy or use the stock scheduler"
+        )
+
+
+class FairScheduler(Scheduler):
+    """vLLM's V1 scheduler with FairServe's per-tenant fair queue, victim choice and throttle."""
+
+    #: Monotonic clock (seconds) of the throttle's windows and deadlines; tests replace it.
+    clock: Callable[[], float] = staticmethod(time.monotonic)
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> FairScheduler:
+        # vLLM builds whatever class --scheduler-cls names; with async scheduling on (the GPU
+        # default) that must be an AsyncScheduler, so the one name users type fits both modes.
+        vllm_config = kwargs.get("vllm_config", args[0] if args else None)
+        if cls is FairScheduler and getattr(getattr(vllm_config, "scheduler_config", None), "async_scheduling", False):
+            cls = AsyncFairScheduler
+        return super().__new__(cls)
+
+    def __init__(self, vllm_config: VllmConfig, *args: Any, **kwargs: Any) -> None:
+        # Before vLLM allocates anything: a bad config must stop start-up with its key.
+        config = fairserve_config_from(vllm_config)
+        _check_policy(vllm_config)
+        super().__init__(vllm_config, *args, **kwargs)
+        self.fairserve_config = config
+        self.counters = WeightedServiceCounters(config)
+        self.throttle = Throttle(config)
+        self._identities: dict[str, RequestIdentity] = {}  # request id -> identity, until it finishes
+        self._freed_identities: dict[str, RequestIdentity] = {}  # finished since the last update_from_output
+        self.waiting = FairRequestQueue(self.counters, self._identity_of)
+        self._held: dict[str, Request] = {}  # request id -> request the throttle holds
+        self._holding: Request | None = None  # the request add_request is holding right now
+        # Requests waiting or running (not held), per tenant: a tenant is deactivated at 0.
+        self._tenant_of_live: dict[str, str] = {}
+        self._live_per_tenant: dict[str, int] = {}
+        self._prompt_charged: dict[str, int] = {}  # request id -> prompt positions charged so far
+        # id(scheduler output) -> (that output, [(identity, prompt tokens)]) until its step returns.
+        self._pending_prompt_charges: dict[int, tuple[SchedulerOutput, list[tuple[RequestIdentity, int]]]] = {}
+        self._throttle_outputs: dict[int, list[EngineCoreOutput]] = {}  # client index -> final outputs
+        _use_vllm_log_handlers()
+        logger.info(
+            "fairserve: %s active (vLLM %s, async scheduling %s): %d weighted tenants, %d applications, "
+            "throttle %s",
+            type(self).__name__, vllm.__version__, "on" if isinstance(self, AsyncScheduler) else "off",
+            len(config.tenants), len(config.applications), "on" if config.throttle.enabled else "off",
+        )
+
+    # ------------------------------------------------------------------------------ identity
+
+    def _identity_of(self, request: Request) -> RequestIdentity:
+        identity = self._identities.get(request.request_id)
+        if identity is None:
+            params = request.sampling_params
+            extra_args = params.extra_args if params is not None else None
+            identity = identity_from_extra_args(extra_args, self.fairserve_config)
+            self._identities[request.request_id] = identity
+        return identity
+
+    # ---------------------------------------------------------------------------- admission
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            # The next chunk of a streaming-input session: vLLM's own path, nothing new to admit.
+            super().add_request(request)
+            return
+        identity = self._identity_of(request)
+        decision = Decision.ADMIT
+        if not request.resumable:  # a streaming session's chunks are one interaction: never held
+            self._observe_load()
+            decision = self.throttle.submit(request.request_id, identity, request.num_prompt_tokens, self.clock())
+        if decision is Decision.HOLD:
+            # vLLM's bookkeeping (self.requests, connector, events) runs; only the queueing is
+            # diverted into _held by _enqueue_waiting_request.
+            self._holding = request
+            try:
+                super().add_request(request)
+            finally:
+                self._holding = None
+            logger.debug("fairserve: holding request %s of tenant %r (application %r)",
+                         request.request_id, identity.tenant, identity.application)
+            return
+        super().add_request(request)
+        self._mark_live(request, identity)
+
+    def _enqueue_waiting_request(self, request: Request) -> None:
+        if request is self._holding:
+            self._held[request.request_id] = request
+            return
+        super()._enqueue_waiting_request(request)
+
+    def _mark_live(self, request: Request, identity: RequestIdentity) -> None:
+        tenant = identity.tenant
+        self._tenant_of_live[request.request_id] = tenant
+        self._live_per_tenant[tenant] = self._live_per_tenant.get(tenant, 0) + 1
+
+    def get_request_counts(self) -> tuple[int, int]:
+        # Held requests wait too: counting them keeps the engine stepping (so they are released
+        # or expired) and shows them in vLLM's stats.
+        num_running, num_waiting = super().get_request_counts()
+        return num_running, num_waiting + len(self._held)
+
+    def _observe_load(self) -> None:
+        kv_usage = min(max(float(self.kv_cache_manager.usage), 0.0), 1.0)
+        # vLLM's queues only: what the engine has queued, not what the throttle holds back.
+        self.throttle.observe_load(kv_usage, len(self.waiting) + len(self.kv_holding_waiting))
+
+    def _release_and_expire(self, now: float) -> None:
+        for request_id in self.throttle.release(now):
+            request = self._held.pop(request_id)
+            super()._enqueue_waiting_request(request)
+            self._mark_live(request, self._identity_of(request))
+        expired = self.throttle.expire(now)
+        if not expired:
+            return
+        reasons = dict(expired)
+        for request_id, reason in expired:
+            identity = self._identity_of(self._held[request_id])
+            logger.warning("fairserve: ended request %s of tenant %r (application %r) as aborted: %s",
+                           request_id, identity.tenant, identity.application, reason)
+        # vLLM's own finish path frees the request; _free_request drops it from _held.
+        for request in self.finish_requests(list(reasons), RequestStatus.FINISHED_ABORTED):
+            reason = reasons[request.request_id]
+            request.stop_reason = reason
+            self._throttle_outputs.setdefault(request.client_index, []).append(
+                EngineCoreOutput(
+                    request_id=request.request_id,
+                    new_token_ids=[],
+                    finish_reason=request.get_finished_reason(),
+                    stop_reason=reason,
+                    events=request.take_events(),
+                    trace_headers=request.trace_headers,
+                )
+            )
+
+    # ----------------------------------------------------------------------------- one step
+
+    def schedule(self, throttle_prefills: bool = False) -> SchedulerOutput:
+        self._observe_load()
+        if self._held:
+            self._release_and_expire(self.clock())
+        self._order_running_by_counter()
+        output = super().schedule(throttle_prefills)
+        self._note_prompt_positions(output)
+        return output
+
+    def _order_running_by_counter(self) -> None:
+        """Lowest counter first, so vLLM's inline FCFS victim ``running[-1]`` is the request of
+        the highest-counter tenant (of its requests, the one with the least KV computed)."""
+        if len(self.running) < 2:
+            return
+        counter = self.counters.counter
+        identity_of = self._identity_of
+        by_tenant: dict[str, float] = {}
+
+        def key(request: Request) -> tuple[float, int]:
+            tenant = identity_of(request).tenant
+            value = by_tenant.get(tenant)
+            if value is None:
+                value = by_tenant[tenant] = counter(tenant)
+            return value, -request.num_computed_tokens
+
+        self.running.sort(key=key)
+
+    def _note_prompt_positions(self, output: SchedulerOutput) -> None:
+        """Record the prompt positions this step computes for the first time (see the module
+        docstring), to be charged when its output comes back."""
+        charges: list[tuple[RequestIdentity, int]] = []
+        requests = self.requests
+        for request_id, tokens in output.num_scheduled_tokens.items():
+            request = requests[request_id]
+            # vLLM has already advanced num_computed_tokens by this step's tokens.
+            end = request.num_computed_tokens
+            start = end - tokens
+            prompt = request.num_prompt_tokens
+            if start >= prompt:
+                continue  # a decode step: its output is charged when it is appended
+            end = min(end, prompt)
+            first = max(start, self._prompt_charged.get(request_id, 0))
+            if end > first:
+                self._prompt_charged[request_id] = end
+                charges.append((self._identity_of(request), end - first))
+        if charges:
+            self._pending_prompt_charges[id(output)] = (output, charges)
+
+    def update_from_output(
+        self, scheduler_output: SchedulerOutput, model_runner_output: ModelRunnerOutput
+    ) -> dict[int, EngineCoreOutputs]:
+        outputs = super().update_from_output(scheduler_output, model_runner_output)
+
+        pending = self._pending_prompt_charges.pop(id(scheduler_output), None)
+        if pending is not None:
+            for identity, tokens in pending[1]:
+                self.counters.charge_prefill(identity.tenant, identity.application, tokens)
+        # The new_token_ids vLLM returns are exactly the tokens it appended to each request
+        # (trimmed at a stop; none for dropped stale output).
+        identities, freed = self._identities, self._freed_identities
+        decoded: dict[tuple[str, str], tuple[RequestIdentity, int]] = {}
+        for engine_core_outputs in outputs.values():
+            for output in engine_core_outputs.outputs:
+                tokens = len(output.new_token_ids)
+                if not tokens:
+                    continue
+                identity = identities.get(output.request_id) or freed.get(output.request_id)
+                if identity is None:
+                    continue
+                key = (identity.tenant, identity.application)
+                seen = decoded.get(key)
+                decoded[key] = (identity, tokens + seen[1]) if seen else (identity, tokens)
+        freed.clear()
+        if decoded:
+            now = self.clock()
+            for identity, tokens in decoded.values():
+                self.counters.charge_decode(identity.tenant, identity.application, tokens)
+                self.throttle.record_usage(identity, tokens, now)
+
+        if self._throttle_outputs:
+            for client_index, finals in self._throttle_outputs.items():
+                engine_core_outputs = outputs.get(client_index)
+                if engine_core_outputs is None:
+                    outputs[client_index] = EngineCoreOutputs(outputs=finals)
+                else:
+                    engine_core_outputs.outputs = [*engine_core_outputs.outputs, *finals]
+            self._throttle_outputs = {}
+        return outputs
+
+    # ------------------------------------------------------------------------------ finishing
+
+    def _free_request(
+        self, request: Request, delay_free_blocks: bool = False
+    ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        result = super()._free_request(request, delay_free_blocks)
+        request_id = request.request_id
+        if self._held.pop(request_id, None) is not None:
+            self.throttle.cancel(request_id)  # a client abort (or shutdown) of a held request
+        identity = self._identities.pop(request_id, None)
+        if identity is not None:  # its last output tokens are charged after vLLM frees it
+            self._freed_identities[request_id] = identity
+        self._prompt_charged.pop(request_id, None)
+        tenant = self._tenant_of_live.pop(request_id, None)
+        if tenant is not None:
+            left = self._live_per_tenant[tenant] - 1
+            if left:
+                self._live_per_tenant[tenant] = left
+            else:
+                del self._live_per_tenant[tenant]
+                self.counters.deactivate(tenant)  # nothing waiting, nothing running
+        return result
+
+    # -------------------------------------------------------------------------------- reading
+
+    def held_request_ids(self) -> list[str]:
+        """Requests the throttle holds right now, oldest first."""
+        return list(self._held)
+
+    def live_requests_of(self, tenant: str) -> int:
+        """Requests of ``tenant`` waiting or running (held ones not included)."""
+        return self._live_per_tenant.get(tenant, 0)
+
+
+class AsyncFairScheduler(FairScheduler, AsyncScheduler):
+    """``FairScheduler`` for vLLM's async scheduling (the GPU default).
+
+    ``AsyncScheduler`` only overrides ``_update_after_schedule`` and
+    ``_update_request_with_output`` (output placeholders), which this module does not touch,
+    so the method resolution order FairScheduler -> AsyncScheduler -> Scheduler composes them.
+    """
+
+
+def _use_vllm_log_handlers() -> None:
+    """Show this package's log lines the way vLLM shows its own, where nothing else would.
+
+    vLLM gives only its ``vllm`` logger a handler, so in the server (whose root logger has
+    none) our INFO lines would vanish. When the application configured logging itself (a root
+    handler exists: a script, pytest), it is left alone.
+    """
+    ours = logging.getLogger(__name__.split(".", 1)[0])
+    if ours.handlers or logging.getLogger().handlers:
+        return
+    vllm_logger = logging.getLogger("vllm")
+    if not vllm_logger.handlers:
+        return
+    for handler in vllm_logger.handlers:
+        ours.addHandler(handler)
+    ours.setLevel(vllm_logger.level or logging.INFO)
+    ours.propagate = False
