@@ -472,20 +472,27 @@ def lower_bound(trace: Trace, hardware: HardwareModel, settings: StockSettings) 
     """No policy on this hardware can step faster (see the module docstring for each term)."""
     persistent = persistent_params(trace, settings)
     params = sum(trace.numel.values())
-    partitioned = sum(b for p, b in trace.nbytes.items() if p not in persistent)
-    gradients = sum(trace.nbytes[p] for group, backward in zip(_partitioned_groups(trace, persistent),
-                                                              trace.backward) if backward for p in group)
+    groups = _partitioned_groups(trace, persistent)
+    # Only parameters some group uses must cross PCIe (a parameter no sub-module fetches moves
+    # under no policy; counting it let both policies "beat" the bound on such traces).
+    partitioned = sum(trace.nbytes[p] for p in {p for group in groups for p in group})
+    gradients = sum(trace.nbytes[p] for group, backward in zip(groups, trace.backward)
+                    if backward for p in group)
     adam_s = params / hardware.cpu_adam_params_per_s
     compute = sum(hardware.compute_s(f) for f in trace.flops)
     if settings.offload_param == "none":
         return compute + (adam_s if settings.offload_optimizer != "none" else 0.0)
     states = params * OPTIMIZER_BYTES_PER_PARAM
+    # Parameters under MIN_SWAPPABLE_BYTES may stay in ordinary host memory (stock never swaps
+    # them), so only the swappable ones can be forced onto NVMe by a full pinned tier.
+    swappable = sum(trace.nbytes[p] for p in {p for group in groups for p in group}
+                    if trace.nbytes[p] >= MIN_SWAPPABLE_BYTES)
     if settings.offload_param != "nvme":
         overflow = 0
     elif settings.offload_optimizer == "nvme":
-        overflow = max(0, partitioned + states - hardware.pinned_cpu_bytes)
+        overflow = max(0, swappable + states - hardware.pinned_cpu_bytes)
     else:  # the states must stay in host memory; only parameters may spill to NVMe
-        overflow = max(0, partitioned - max(0, hardware.pinned_cpu_bytes - states))
+        overflow = max(0, swappable - max(0, hardware.pinned_cpu_bytes - states))
     return max(compute + adam_s,
                partitioned / hardware.h2d_bytes_per_s,
                gradients / hardware.d2h_bytes_per_s,

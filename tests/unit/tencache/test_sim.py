@@ -14,11 +14,10 @@ from ds_tencache.sim import (StockSettings, Trace, lower_bound, simulate_stock,
 
 pytestmark = pytest.mark.unit
 
-# Step times are sums and differences of many float terms; a policy "beating" the bound by a few
-# parts in 1e9, or by 1e-14 s on a 40 ns trace, is rounding (hypothesis found both), while a real
-# modelling error would be orders of magnitude larger.
+# Step times are sums of float terms; a part in a million is rounding. (This test found two real
+# bugs in the bound: it counted parameters no group fetches, and it sent parameters under 1 MiB
+# to NVMe when the pinned tier was full, though ordinary host memory may keep them, as stock does.)
 FLOAT_SLACK = 1e-6
-FLOAT_SLACK_S = 1e-12
 
 # A machine with round numbers: 1 FLOP/s, 1 B/s over PCIe, gradients back instantly (1e12 B/s),
 # CPU Adam 5 parameters/s, no per-group overhead.
@@ -130,8 +129,8 @@ def test_no_policy_beats_the_lower_bound(scenario):
     bound = lower_bound(trace, hardware, stock_settings)
     stock = simulate_stock(trace, hardware, stock_settings)
     tencache = simulate_tencache(trace, hardware, stock_settings, budget_bytes=budget)
-    assert stock.step_time_s >= bound * (1 - FLOAT_SLACK) - FLOAT_SLACK_S
-    assert tencache.step_time_s >= bound * (1 - FLOAT_SLACK) - FLOAT_SLACK_S
+    assert stock.step_time_s >= bound * (1 - FLOAT_SLACK)
+    assert tencache.step_time_s >= bound * (1 - FLOAT_SLACK)
     assert 0.0 <= stock.hit_rate <= 1.0 and 0.0 <= tencache.hit_rate <= 1.0
 
 
