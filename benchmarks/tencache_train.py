@@ -19,7 +19,13 @@ Four kinds of run per mode:
   which executes stock ZeRO-3's code paths unchanged and counts hits and waits: stock's hit rate
   and fetch wait come from here, its step times from the uninstrumented ``stock`` runs.
 
-The ``nvme`` mode is filled in by the NVMe-tier issue; until then it is recorded as null.
+Mode ``nvme``: stock ZeRO-Infinity with NVMe parameter offload in bf16 (fp32 fails on the CPU
+accelerator, an upstream operator-precedence slip), ``max_in_cpu: 0`` so stock really swaps,
+and ``stage3_prefetch_bucket_size: 0``: with stock's default bucket, DeepSpeed 0.19.8 fails here
+with "param N already assigned swap buffer id M" (its prefetch and its NVMe swap-in both claim a
+buffer). Its swap buffers are ``buffer_count`` x ``buffer_size`` with ``buffer_size`` the largest
+parameter, the least stock accepts. The tencache side of this mode arrives with the NVMe tier
+(next issue) and is recorded as null until then.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -42,14 +49,28 @@ WARMUP_STEPS = 2
 SIDES = ("stock", "tencache")
 
 
-def run_config(side: str, budget: int, steps: int) -> dict:
+STOCK_SWAP_BUFFERS = 5  # offload_param.buffer_count default
+
+
+def itemsize(mode: str) -> int:
+    return 2 if mode == "nvme" else 4
+
+
+def run_config(mode: str, side: str, budget: int, steps: int, largest_numel: int,
+               swap_dir: Path) -> dict:
     config = json.loads(BASE_CONFIG.read_text())
+    zero = config["zero_optimization"]
+    if mode == "nvme":
+        config["bf16"] = {"enabled": True}
+        zero["offload_param"] = {"device": "nvme", "nvme_path": str(swap_dir), "pin_memory": True,
+                                 "max_in_cpu": 0, "buffer_count": STOCK_SWAP_BUFFERS,
+                                 "buffer_size": largest_numel}
+        zero["stage3_prefetch_bucket_size"] = 0
     if side in ("stock", "stock_measured"):
         # Equal device memory: stock may keep at most the budget live (prefetch limit) and
-        # releases what is not reused within it (stock's own two knobs, in fp32 elements).
-        zero = config["zero_optimization"]
-        zero["stage3_max_live_parameters"] = budget // 4
-        zero["stage3_max_reuse_distance"] = budget // 4
+        # releases what is not reused within it (stock's own two knobs, in elements).
+        zero["stage3_max_live_parameters"] = budget // itemsize(mode)
+        zero["stage3_max_reuse_distance"] = budget // itemsize(mode)
     if side == "tencache":
         config["tencache"] = {"device_budget": budget, "warmup_steps": WARMUP_STEPS}
     elif side == "stock_measured":
@@ -57,7 +78,15 @@ def run_config(side: str, budget: int, steps: int) -> dict:
     return config
 
 
-def worker(side: str, size: str, steps: int, out: Path) -> None:
+def storage_read_bytes() -> int:
+    """Bytes this process has read from storage (not the page cache): NVMe swap-ins."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("read_bytes:"):
+            return int(line.split()[1])
+    return 0
+
+
+def worker(mode: str, side: str, size: str, steps: int, out: Path) -> None:
     """One training run in this process; writes its figures to ``out``."""
     from tiny_llama.environment import apply_runtime_defaults
 
@@ -68,11 +97,16 @@ def worker(side: str, size: str, steps: int, out: Path) -> None:
 
     model_dir = ensure_model(size)
     manifest = json.loads((model_dir / "manifest.json").read_text())
-    budget = manifest["num_parameters"] * 4 // 2
-    config = run_config(side, budget, steps)
+    spec = manifest["spec"]
+    budget = manifest["num_parameters"] * itemsize(mode) // 2
+    largest = max(spec["vocab_size"] * spec["hidden_size"], spec["hidden_size"] * spec["intermediate_size"])
+    swap_dir = out.parent / f"swap-{out.stem}"
+    config = run_config(mode, side, budget, steps, largest, swap_dir)
+    read_before = storage_read_bytes()
     result = train(model_dir, config, steps=steps,
                    initialize=None if side.startswith("stock") and side != "stock_measured"
                    else ds_tencache.initialize)
+    nvme_read = storage_read_bytes() - read_before
     records = result.tencache_steps or []
     measured = [m for m in records if m.step >= WARMUP_STEPS]
     out.write_text(json.dumps({
@@ -87,17 +121,19 @@ def worker(side: str, size: str, steps: int, out: Path) -> None:
         "budget_bytes": budget,
         "num_parameters": manifest["num_parameters"],
         "size": size,
+        "bytes_read_nvme_per_step": nvme_read / steps if mode == "nvme" else None,
+        "pinned_swap_bytes": STOCK_SWAP_BUFFERS * largest * itemsize(mode) if mode == "nvme" else None,
     }))
 
 
-def spawn(side: str, size: str, steps: int, scratch: Path) -> dict:
-    out = scratch / f"{side}-{os.getpid()}-{len(list(scratch.iterdir()))}.json"
-    command = [sys.executable, __file__, "--worker", side, "--size", size, "--steps", str(steps),
-               "--out", str(out)]
+def spawn(mode: str, side: str, size: str, steps: int, scratch: Path) -> dict:
+    out = scratch / f"{mode}-{side}-{os.getpid()}-{len(list(scratch.iterdir()))}.json"
+    command = [sys.executable, __file__, "--worker", side, "--mode", mode, "--size", size,
+               "--steps", str(steps), "--out", str(out)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         sys.stderr.write(done.stdout[-4000:] + done.stderr[-4000:])
-        raise SystemExit(f"{side} run failed (exit {done.returncode}); its output is above")
+        raise SystemExit(f"{mode} {side} run failed (exit {done.returncode}); its output is above")
     return json.loads(out.read_text())
 
 
@@ -110,10 +146,11 @@ def summarise(runs: list[dict], measured: dict | None) -> dict:
         "hit_rate": figures["hit_rate"],
         "fetch_wait_s_per_step": figures["fetch_wait_s_per_step"],
         "losses": runs[0]["losses"],
-        "pinned_bytes_reserved": None,  # the pinned pool arrives with the NVMe-tier issue
+        # stock's swap buffers (nvme mode); tencache's pinned pool arrives with the NVMe tier
+        "pinned_bytes_reserved": runs[0]["pinned_swap_bytes"],
         "pinned_bytes_used_peak": None,
         "allocations_after_warmup": None,
-        "bytes_read_nvme_per_step": None,
+        "bytes_read_nvme_per_step": runs[0]["bytes_read_nvme_per_step"],
         "peak_rss_bytes": max(run["peak_rss_bytes"] for run in runs),
     }
 
@@ -159,65 +196,92 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=50, help="training steps per run (at least 50)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per side, interleaved")
     parser.add_argument("--out", type=Path, default=RESULTS / "tencache_train.json")
+    parser.add_argument("--modes", default="cpu,nvme", help="comma-separated: cpu, nvme")
     parser.add_argument("--worker", choices=("stock", "tencache", "stock_default", "stock_measured"),
                         help=argparse.SUPPRESS)
+    parser.add_argument("--mode", choices=("cpu", "nvme"), default="cpu", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        worker(args.worker, args.size, args.steps, args.out)
+        worker(args.mode, args.worker, args.size, args.steps, args.out)
         return 0
+    modes = args.modes.split(",")
     if args.steps < 50:
         parser.error("--steps must be at least 50 (the issue's comparison length)")
+    if not set(modes) <= {"cpu", "nvme"}:
+        parser.error(f"--modes {args.modes!r}: choose from cpu, nvme")
     from tqdm import tqdm
 
     scratch = args.out.parent / ".scratch"
     scratch.mkdir(parents=True, exist_ok=True)
-    order = [side for _ in range(args.repeats) for side in SIDES] + ["stock_default", "stock_measured"]
-    runs: dict[str, list[dict]] = {side: [] for side in (*SIDES, "stock_default", "stock_measured")}
-    for side in tqdm(order, desc="training runs", unit="run"):
-        runs[side].append(spawn(side, args.size, args.steps, scratch))
-    for leftover in scratch.iterdir():
-        leftover.unlink()
-    scratch.rmdir()
+    # The nvme mode has no tencache side yet (NVMe tier: next issue): stock runs only.
+    plan = {"cpu": [s for _ in range(args.repeats) for s in SIDES] + ["stock_default", "stock_measured"],
+            "nvme": ["stock"] * args.repeats + ["stock_measured"]}
+    order = [(mode, side) for mode in modes for side in plan[mode]]
+    runs = {mode: {side: [] for side in plan[mode]} for mode in modes}
+    for mode, side in tqdm(order, desc="training runs", unit="run"):
+        runs[mode][side].append(spawn(mode, side, args.size, args.steps, scratch))
+    shutil.rmtree(scratch)
 
-    stock = summarise(runs["stock"], runs["stock_measured"][0])
-    tencache = summarise(runs["tencache"], None)
-    first = runs["tencache"][0]
-    result = {
-        "model": {"size": args.size, "num_parameters": first["num_parameters"],
-                  "param_bytes": first["num_parameters"] * 4, "dtype": "float32",
-                  "device_budget_bytes": first["budget_bytes"], "steps": args.steps,
-                  "repeats": args.repeats, "warmup_steps": WARMUP_STEPS,
-                  "tencache_bytes_moved_per_step": first["bytes_moved_per_step"],
-                  "stock_bytes_moved_per_step": runs["stock_measured"][0]["bytes_moved_per_step"]},
-        "modes": {
-            "cpu": {"stock": stock, "tencache": tencache,
-                    "step_time_ratio": paired_ratio(runs["stock"], runs["tencache"]),
-                    "losses_identical": all(r["losses"] == runs["stock"][0]["losses"]
-                                            for r in runs["tencache"] + runs["stock"]),
-                    "stock_default_step_time_median_s":
-                        summarise(runs["stock_default"], None)["step_time_median_s"]},
-            "nvme": None,
-        },
-    }
+    result = {"model": {}, "modes": {"cpu": None, "nvme": None}}
+    if "cpu" in runs:
+        cpu_runs = runs["cpu"]
+        first = cpu_runs["tencache"][0]
+        result["model"] = {
+            "size": args.size, "num_parameters": first["num_parameters"],
+            "param_bytes": first["num_parameters"] * 4, "dtype": "float32",
+            "device_budget_bytes": first["budget_bytes"], "steps": args.steps,
+            "repeats": args.repeats, "warmup_steps": WARMUP_STEPS,
+            "tencache_bytes_moved_per_step": first["bytes_moved_per_step"],
+            "stock_bytes_moved_per_step": cpu_runs["stock_measured"][0]["bytes_moved_per_step"]}
+        result["modes"]["cpu"] = {
+            "stock": summarise(cpu_runs["stock"], cpu_runs["stock_measured"][0]),
+            "tencache": summarise(cpu_runs["tencache"], None),
+            "step_time_ratio": paired_ratio(cpu_runs["stock"], cpu_runs["tencache"]),
+            "losses_identical": all(r["losses"] == cpu_runs["stock"][0]["losses"]
+                                    for r in cpu_runs["tencache"] + cpu_runs["stock"]),
+            "stock_default_step_time_median_s":
+                summarise(cpu_runs["stock_default"], None)["step_time_median_s"]}
+    if "nvme" in runs:
+        nvme_runs = runs["nvme"]
+        result["model"].setdefault("size", args.size)
+        result["model"].setdefault("num_parameters", nvme_runs["stock"][0]["num_parameters"])
+        result["model"]["nvme"] = {"dtype": "bfloat16", "param_bytes": nvme_runs["stock"][0]["num_parameters"] * 2,
+                                   "device_budget_bytes": nvme_runs["stock"][0]["budget_bytes"],
+                                   "stock_buffer_count": STOCK_SWAP_BUFFERS}
+        result["modes"]["nvme"] = {"stock": summarise(nvme_runs["stock"], nvme_runs["stock_measured"][0]),
+                                   "tencache": None, "step_time_ratio": None}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, runs, args.out.with_suffix(".png"))
-
-    cpu = result["modes"]["cpu"]
-    print(f"\n{args.size} Llama, {first['num_parameters']:,} parameters, {args.steps} steps x "
-          f"{args.repeats} runs per side, device budget {first['budget_bytes'] / 2**20:.1f} MiB "
-          f"(half the fp32 parameters)")
-    print(f"{'mode cpu':<12}{'step median':>14}{'hit rate':>10}{'wait/step':>12}{'peak RSS':>12}")
-    for side in SIDES:
-        figures = cpu[side]
-        print(f"{side:<12}{figures['step_time_median_s'] * 1e3:>11.1f} ms{figures['hit_rate']:>10.3f}"
-              f"{figures['fetch_wait_s_per_step'] * 1e3:>9.2f} ms{figures['peak_rss_bytes'] / 2**20:>8.0f} MiB")
-    print(f"step time ratio tencache/stock (median of {args.repeats} back-to-back pairs): "
-          f"{cpu['step_time_ratio']:.3f}; "
-          f"losses identical: {cpu['losses_identical']}; stock with DeepSpeed's defaults (whole "
-          f"model live): {cpu['stock_default_step_time_median_s'] * 1e3:.1f} ms")
-    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+    if "cpu" in runs:
+        plot(result, runs["cpu"], args.out.with_suffix(".png"))
+    print_table(result, args)
     return 0
+
+
+def print_table(result: dict, args: argparse.Namespace) -> None:
+    model = result["model"]
+    print(f"\n{args.size} Llama, {model.get('num_parameters', 0):,} parameters, {args.steps} steps x "
+          f"{args.repeats} runs per side, device budget half the parameter bytes")
+    print(f"{'mode / side':<18}{'step median':>14}{'hit rate':>10}{'wait/step':>12}"
+          f"{'NVMe read/step':>16}{'peak RSS':>12}")
+    for mode, figures in result["modes"].items():
+        for side in SIDES:
+            row = (figures or {}).get(side)
+            if row is None:
+                print(f"{mode + ' ' + side:<18}{'(not measured yet)':>30}")
+                continue
+            nvme = row["bytes_read_nvme_per_step"]
+            print(f"{mode + ' ' + side:<18}{row['step_time_median_s'] * 1e3:>11.1f} ms"
+                  f"{row['hit_rate']:>10.3f}{row['fetch_wait_s_per_step'] * 1e3:>9.2f} ms"
+                  f"{'-' if nvme is None else f'{nvme / 2**20:.1f} MiB':>16}"
+                  f"{row['peak_rss_bytes'] / 2**20:>8.0f} MiB")
+    cpu = result["modes"]["cpu"]
+    if cpu:
+        print(f"cpu: step time ratio tencache/stock (median of {args.repeats} back-to-back pairs): "
+              f"{cpu['step_time_ratio']:.3f}; losses identical: {cpu['losses_identical']}; stock "
+              f"with DeepSpeed's defaults (whole model live): "
+              f"{cpu['stock_default_step_time_median_s'] * 1e3:.1f} ms")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
