@@ -275,53 +275,70 @@ def started_overloaded():
     return throttle
 
 
-@settings(max_examples=200, deadline=None)
-@given(STEPS)
-def test_follow_up_of_an_interaction_in_progress_is_never_held(steps):
-    """(d) A call with call_index > 0, or whose interaction had a call admitted or released
-    within interaction_idle_s, is admitted whatever the load and usage."""
-    throttle = started_overloaded()
-    idle = PROPERTY_CONFIG.throttle.interaction_idle_s
-    last_admitted: dict[tuple[str, str], int] = {}  # the model of interactions in progress
-    held: dict[str, RequestIdentity] = {}
+def replay(throttle, steps, on_submit, on_end, after_step=lambda: None) -> int:
+    """Drive ``throttle`` through generated ``steps``; returns the final clock (seconds).
+
+    ``on_submit(request_id, identity, decision, now)`` follows every submission and
+    ``on_end(request_id, state, now)`` every release, expiry or cancellation.
+    """
     now, ids = 0, itertools.count()
-
-    def admitted(identity):
-        if identity.interaction is not None:
-            last_admitted[(identity.tenant, identity.interaction)] = now
-
     for step in steps:
         kind = step[0]
         if kind == "submit":
-            identity, prompt = step[1], step[2]
             request_id = f"r{next(ids)}"
-            key = (identity.tenant, identity.interaction)
-            follow_up = (identity.call_index or 0) > 0 or (
-                identity.interaction is not None and key in last_admitted and now - last_admitted[key] <= idle
-            )
-            decision = throttle.submit(request_id, identity, prompt, float(now))
-            if follow_up:
-                assert decision is Decision.ADMIT, (identity, now)
-            if decision is Decision.ADMIT:
-                admitted(identity)
-            else:
-                held[request_id] = identity
+            on_submit(request_id, step[1], throttle.submit(request_id, step[1], step[2], float(now)), now)
         elif kind == "load":
             throttle.observe_load(step[1], step[2])
         elif kind == "usage":
             throttle.record_usage(step[1], step[2], float(now))
         elif kind == "release":
             for request_id in throttle.release(float(now)):
-                admitted(held.pop(request_id))
+                on_end(request_id, "released", now)
         elif kind == "expire":
-            for request_id, _ in throttle.expire(float(now)):
-                held.pop(request_id)
+            for request_id, reason in throttle.expire(float(now)):
+                assert "throttled" in reason
+                on_end(request_id, "expired", now)
         elif kind == "cancel":
             request_id = f"r{step[1]}"
             if throttle.cancel(request_id):
-                held.pop(request_id)
+                on_end(request_id, "cancelled", now)
         else:
             now += step[1]
+        after_step()
+    return now
+
+
+@settings(max_examples=200, deadline=None)
+@given(STEPS)
+def test_follow_up_of_an_interaction_in_progress_is_never_held(steps):
+    """(d) A call with call_index > 0, or whose interaction had a call admitted or released
+    within interaction_idle_s, is admitted whatever the load and usage."""
+    idle = PROPERTY_CONFIG.throttle.interaction_idle_s
+    last_admitted: dict[tuple[str, str], int] = {}  # the model of interactions in progress
+    held: dict[str, RequestIdentity] = {}
+
+    def admitted(identity, now):
+        if identity.interaction is not None:
+            last_admitted[(identity.tenant, identity.interaction)] = now
+
+    def on_submit(request_id, identity, decision, now):
+        key = (identity.tenant, identity.interaction)
+        follow_up = (identity.call_index or 0) > 0 or (
+            identity.interaction is not None and key in last_admitted and now - last_admitted[key] <= idle
+        )
+        if follow_up:
+            assert decision is Decision.ADMIT, (identity, now)
+        if decision is Decision.ADMIT:
+            admitted(identity, now)
+        else:
+            held[request_id] = identity
+
+    def on_end(request_id, state, now):
+        identity = held.pop(request_id)
+        if state == "released":
+            admitted(identity, now)
+
+    replay(started_overloaded(), steps, on_submit, on_end)
 
 
 @settings(max_examples=200, deadline=None)
@@ -331,40 +348,23 @@ def test_every_submitted_request_ends_in_exactly_one_terminal_state(steps):
     throttle = started_overloaded()
     outcome: dict[str, str] = {}
     submitted: list[str] = []
-    now, ids = 0, itertools.count()
 
-    def end(request_id, state):
+    def end(request_id, state, now=None):
         assert request_id in submitted and request_id not in outcome, (request_id, state)
         outcome[request_id] = state
 
-    for step in steps:
-        kind = step[0]
-        if kind == "submit":
-            request_id = f"r{next(ids)}"
-            submitted.append(request_id)
-            if throttle.submit(request_id, step[1], step[2], float(now)) is Decision.ADMIT:
-                end(request_id, "admitted")
-        elif kind == "load":
-            throttle.observe_load(step[1], step[2])
-        elif kind == "usage":
-            throttle.record_usage(step[1], step[2], float(now))
-        elif kind == "release":
-            for request_id in throttle.release(float(now)):
-                end(request_id, "released")
-        elif kind == "expire":
-            for request_id, reason in throttle.expire(float(now)):
-                assert "throttled" in reason
-                end(request_id, "expired")
-        elif kind == "cancel":
-            request_id = f"r{step[1]}"
-            if throttle.cancel(request_id):
-                end(request_id, "cancelled")
-        else:
-            now += step[1]
+    def on_submit(request_id, identity, decision, now):
+        submitted.append(request_id)
+        if decision is Decision.ADMIT:
+            end(request_id, "admitted")
+
+    def invariants():
         for stats in throttle.stats().values():
             assert stats.submitted == stats.admitted + stats.released + stats.expired + stats.cancelled + stats.holding
             assert stats.held == stats.released + stats.expired + stats.cancelled + stats.holding
         assert throttle.num_held() == len(submitted) - len(outcome)
+
+    now = replay(throttle, steps, on_submit, end, invariants)
     # Whatever is still held leaves once the load drops: nothing waits forever.
     throttle.observe_load(0.0, 0)
     for request_id in throttle.release(float(now)):
