@@ -42,7 +42,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from vllm_fairserve.sim import POLICY_NAMES, SimResult, simulate  # noqa: E402
+from vllm_fairserve.sim import simulate  # noqa: E402
+from vllm_fairserve.sim_model import SimResult  # noqa: E402
+from vllm_fairserve.sim_policies import POLICY_NAMES  # noqa: E402
 from vllm_fairserve.sim_metrics import PolicyMetrics, compute_metrics  # noqa: E402
 from vllm_fairserve.workload import (  # noqa: E402
     CHAT,

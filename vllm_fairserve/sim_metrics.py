@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from vllm_fairserve.sim import SERVICE_INPUT_PRICE, SERVICE_OUTPUT_PRICE, EndReason, Sample, SimResult
+from vllm_fairserve.sim_model import SERVICE_INPUT_PRICE, SERVICE_OUTPUT_PRICE, EndReason, Sample, SimResult
 from vllm_fairserve.workload import UserClass
 
 #: Window (s) of the windowed service difference and of Jain's index: many steps long (a step

@@ -12,15 +12,9 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from vllm_fairserve.sim import (
-    POLICY_NAMES,
-    EndReason,
-    EngineConfig,
-    FairServePolicy,
-    SimResult,
-    VtcPolicy,
-    simulate,
-)
+from vllm_fairserve.sim import simulate
+from vllm_fairserve.sim_model import EndReason, EngineConfig, SimResult
+from vllm_fairserve.sim_policies import POLICY_NAMES, FairServePolicy, VtcPolicy
 from vllm_fairserve.sim_metrics import lost_requests, max_service_difference, vtc_bound_of
 from vllm_fairserve.workload import (
     STANDARD_APPLICATIONS,
@@ -327,7 +321,8 @@ def test_engine_config_errors_name_the_field():
 
 
 def test_simulator_modules_import_neither_vllm_nor_torch():
-    imports = "import vllm_fairserve.sim, vllm_fairserve.sim_metrics, vllm_fairserve.workload"
+    imports = ("import vllm_fairserve.sim, vllm_fairserve.sim_model, vllm_fairserve.sim_policies, "
+               "vllm_fairserve.sim_metrics, vllm_fairserve.workload")
     check = "import sys; assert not {'vllm', 'torch'} & set(sys.modules), sorted(sys.modules)"
     result = subprocess.run([sys.executable, "-c", f"{imports}; {check}"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from vllm_fairserve.identity import RequestIdentity
-from vllm_fairserve.sim import EndReason, EngineConfig, Sample, SimRequest, SimResult
+from vllm_fairserve.sim_model import EndReason, EngineConfig, Sample, SimRequest, SimResult
 from vllm_fairserve.sim_metrics import (
     compute_metrics,
     jain_backlogged,
