@@ -487,12 +487,14 @@ def lower_bound(trace: Trace, hardware: HardwareModel, settings: StockSettings) 
     # them), so only the swappable ones can be forced onto NVMe by a full pinned tier.
     swappable = sum(trace.nbytes[p] for p in {p for group in groups for p in group}
                     if trace.nbytes[p] >= MIN_SWAPPABLE_BYTES)
+    # ``max_in_cpu`` elements may also stay in ordinary host memory (stock keeps them there).
+    host = hardware.pinned_cpu_bytes + settings.max_in_cpu * _itemsize(trace)
     if settings.offload_param != "nvme":
         overflow = 0
     elif settings.offload_optimizer == "nvme":
-        overflow = max(0, swappable + states - hardware.pinned_cpu_bytes)
+        overflow = max(0, swappable + states - host)
     else:  # the states must stay in host memory; only parameters may spill to NVMe
-        overflow = max(0, swappable - max(0, hardware.pinned_cpu_bytes - states))
+        overflow = max(0, swappable - max(0, host - states))
     return max(compute + adam_s,
                partitioned / hardware.h2d_bytes_per_s,
                gradients / hardware.d2h_bytes_per_s,
