@@ -96,8 +96,8 @@ class TencacheCoordinator(PartitionedParameterCoordinator):
         end = time.perf_counter()
         prefetch = self.controller.end_group(end, end - start)
         if prefetch:
-            missing = {self._params_by_id[i] for i in prefetch}
-            missing = {p for p in missing if p.ds_status == ZeroParamStatus.NOT_AVAILABLE}
+            missing = {param for param in map(self._params_by_id.__getitem__, prefetch)
+                       if param.ds_status == ZeroParamStatus.NOT_AVAILABLE}
             if missing:
                 getattr(self, _MANGLED + "all_gather_params")(missing, forward)
 

@@ -60,10 +60,6 @@ class Plan:
     predicted_step_s: float = 0.0
 
     @property
-    def fetched_bytes(self) -> int:
-        return sum(f.nbytes for f in self.fetches)
-
-    @property
     def predicted_hit_rate(self) -> float:
         """Share of uses whose parameter is resident, with no wait, when its group starts."""
         if self.uses == 0:

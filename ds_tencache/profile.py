@@ -120,9 +120,6 @@ class Profile:
             ))
         return merged
 
-    def size_of(self, param_id: int) -> int:
-        return self.tensors[param_id].nbytes
-
     def to_json(self, path: str | Path) -> None:
         """Write the profile (gzip-compressed when the name ends in .gz)."""
         payload = {
