@@ -487,14 +487,15 @@ def lower_bound(trace: Trace, hardware: HardwareModel, settings: StockSettings) 
     # them), so only the swappable ones can be forced onto NVMe by a full pinned tier.
     swappable = sum(trace.nbytes[p] for p in {p for group in groups for p in group}
                     if trace.nbytes[p] >= MIN_SWAPPABLE_BYTES)
-    # ``max_in_cpu`` elements may also stay in ordinary host memory (stock keeps them there).
-    host = hardware.pinned_cpu_bytes + settings.max_in_cpu * _itemsize(trace)
+    # The first ``max_in_cpu`` elements stay in host memory of their own (stock keeps them there,
+    # beside the optimizer states); only the rest competes with the states for the pinned tier.
+    spilled = max(0, swappable - settings.max_in_cpu * _itemsize(trace))
     if settings.offload_param != "nvme":
         overflow = 0
     elif settings.offload_optimizer == "nvme":
-        overflow = max(0, swappable + states - host)
+        overflow = max(0, spilled + states - hardware.pinned_cpu_bytes)
     else:  # the states must stay in host memory; only parameters may spill to NVMe
-        overflow = max(0, swappable - max(0, host - states))
+        overflow = max(0, spilled - max(0, hardware.pinned_cpu_bytes - states))
     return max(compute + adam_s,
                partitioned / hardware.h2d_bytes_per_s,
                gradients / hardware.d2h_bytes_per_s,
