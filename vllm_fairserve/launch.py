@@ -31,21 +31,55 @@ after parsing; a user-given ``--scheduler-cls`` is kept unchanged (so
 comparisons). ``FairScheduler`` becomes ``AsyncFairScheduler`` by itself when async scheduling is
 on. Every other flag, ``--additional-config '{"fairserve": {...}}'`` included, passes through
 untouched.
+
+Metrics: before anything imports prometheus_client, the launcher points
+``PROMETHEUS_MULTIPROC_DIR`` at a fresh temporary directory (removed at exit) unless the
+variable is already set. prometheus_client picks multiprocess mode from that variable when it
+is imported, and vLLM's ``/metrics`` then collects every process's files, so the FairScheduler's
+``fairserve:*`` series, counted in the engine-core process, appear beside vLLM's own. (vLLM
+itself does this only with ``--api-server-count`` > 1.) With ``vllm serve``, set the variable
+to an empty directory yourself for the same effect.
 """
 
 from __future__ import annotations
 
+import atexit
+import os
 import sys
+import tempfile
 from collections.abc import Sequence
 
 FAIR_SCHEDULER_CLS = "vllm_fairserve.FairScheduler"
 
 PROG = "python -m vllm_fairserve.launch"
 
+#: prometheus_client reads it once, at import, to choose multiprocess mode (see the module doc).
+PROMETHEUS_MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def ensure_prometheus_multiproc_dir() -> str:
+    """Point ``PROMETHEUS_MULTIPROC_DIR`` at a fresh directory unless it is set; returns it.
+
+    Must run before prometheus_client is imported in this process (vLLM imports it).
+    """
+    current = os.environ.get(PROMETHEUS_MULTIPROC_ENV)
+    if current:
+        return current
+    if "prometheus_client" in sys.modules:
+        raise RuntimeError(
+            "prometheus_client was imported before the launcher could enable its multiprocess mode; "
+            f"set {PROMETHEUS_MULTIPROC_ENV} to an empty directory before starting"
+        )
+    directory = tempfile.TemporaryDirectory(prefix="fairserve-prometheus-")
+    atexit.register(directory.cleanup)
+    os.environ[PROMETHEUS_MULTIPROC_ENV] = directory.name
+    return directory.name
+
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Parse ``argv`` (default ``sys.argv[1:]``) as ``vllm serve`` arguments and serve."""
     args_in = list(sys.argv[1:] if argv is None else argv)
+    ensure_prometheus_multiproc_dir()
 
     # All vLLM imports stay inside: importing this module must stay cheap.
     from vllm.entrypoints.cli.serve import ServeSubcommand

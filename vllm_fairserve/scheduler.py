@@ -57,6 +57,12 @@ How each part of vLLM's scheduler is bound (the upstream methods overridden are 
 - **Activity.** The queue activates a tenant (VTC's lift) when its queue becomes non-empty; this
   module deactivates it when its last request that is waiting or running finishes
   (``_free_request``, the one place every finish path of vLLM's scheduler goes through).
+- **Metrics** (metrics.py decides what and where; settings under ``fairserve_metrics`` in
+  ``additional_config``). Per-tenant served tokens, counters, queue lengths and throttle counts
+  are published from inside the engine loop: after a ``schedule()`` when the publish interval
+  has passed, and at the end of an ``update_from_output`` or ``finish_requests`` that leaves the
+  scheduler without requests (the engine then blocks until the next request, so this is the
+  last chance to show final figures). ``finish_requests`` is overridden for that alone.
 - **Async scheduling** (vLLM's default on GPU): ``AsyncFairScheduler`` combines this class with
   vLLM's ``AsyncScheduler``, as vLLM's own ``DiffusionAsyncScheduler`` does. Naming
   ``FairScheduler`` is enough: when ``scheduler_config.async_scheduling`` is on it constructs an
@@ -67,7 +73,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import vllm
@@ -83,6 +89,7 @@ from vllm.v1.request import Request, RequestStatus
 from vllm_fairserve.config import FAIRSERVE_KEY, FairServeConfig, FairServeConfigError, load_config
 from vllm_fairserve.counters import WeightedServiceCounters
 from vllm_fairserve.identity import RequestIdentity, identity_from_extra_args
+from vllm_fairserve.metrics import MetricsPublisher, MetricsSnapshot, collect, load_metrics_config
 from vllm_fairserve.queue import FairRequestQueue
 from vllm_fairserve.throttle import Decision, Throttle
 
@@ -103,6 +110,7 @@ OVERRIDDEN_UPSTREAM_METHODS = (
     "get_request_counts",
     "_enqueue_waiting_request",
     "_free_request",
+    "finish_requests",
 )
 
 if not vllm.__version__.startswith(_SUPPORTED_SERIES):
@@ -151,9 +159,12 @@ class FairScheduler(Scheduler):
     def __init__(self, vllm_config: VllmConfig, *args: Any, **kwargs: Any) -> None:
         # Before vLLM allocates anything: a bad config must stop start-up with its key.
         config = fairserve_config_from(vllm_config)
+        metrics_config = load_metrics_config(vllm_config.additional_config)
         _check_policy(vllm_config)
+        publisher = MetricsPublisher.from_config(metrics_config)
         super().__init__(vllm_config, *args, **kwargs)
         self.fairserve_config = config
+        self.metrics = publisher
         self.counters = WeightedServiceCounters(config)
         self.throttle = Throttle(config)
         self._identities: dict[str, RequestIdentity] = {}  # request id -> identity, until it finishes
@@ -171,9 +182,11 @@ class FairScheduler(Scheduler):
         _use_vllm_log_handlers()
         logger.info(
             "fairserve: %s active (vLLM %s, async scheduling %s): %d weighted tenants, %d applications, "
-            "throttle %s",
+            "throttle %s; metrics: prometheus %s, file %s, log every %gs",
             type(self).__name__, vllm.__version__, "on" if isinstance(self, AsyncScheduler) else "off",
             len(config.tenants), len(config.applications), "on" if config.throttle.enabled else "off",
+            "on" if publisher.exporter is not None else "off", metrics_config.path or "none",
+            metrics_config.log_interval_s,
         )
 
     # ------------------------------------------------------------------------------ identity
@@ -272,6 +285,8 @@ class FairScheduler(Scheduler):
         self._order_running_by_counter()
         output = super().schedule(throttle_prefills)
         self._note_prompt_positions(output)
+        if self.metrics.due(self.clock()):
+            self.publish_metrics()
         return output
 
     def _order_running_by_counter(self) -> None:
@@ -352,9 +367,17 @@ class FairScheduler(Scheduler):
                 else:
                     engine_core_outputs.outputs = [*engine_core_outputs.outputs, *finals]
             self._throttle_outputs = {}
+        self._publish_if_idle()
         return outputs
 
     # ------------------------------------------------------------------------------ finishing
+
+    def finish_requests(
+        self, request_ids: str | Iterable[str] | None, finished_status: RequestStatus
+    ) -> list[Request]:
+        finished = super().finish_requests(request_ids, finished_status)
+        self._publish_if_idle()
+        return finished
 
     def _free_request(
         self, request: Request, delay_free_blocks: bool = False
@@ -376,6 +399,31 @@ class FairScheduler(Scheduler):
                 del self._live_per_tenant[tenant]
                 self.counters.deactivate(tenant)  # nothing waiting, nothing running
         return result
+
+    # -------------------------------------------------------------------------------- metrics
+
+    def metrics_snapshot(self) -> MetricsSnapshot:
+        """Per-tenant figures now: service, counters, queue lengths, throttle outcomes."""
+        waiting = {tenant: self.waiting.num_waiting(tenant) for tenant in self.waiting.waiting_tenants()}
+        running: dict[str, int] = {}
+        for request in self.running:
+            tenant = self._identity_of(request).tenant
+            running[tenant] = running.get(tenant, 0) + 1
+        return collect(scheduler=type(self).__name__, counters=self.counters, throttle=self.throttle,
+                       waiting=waiting, running=running,
+                       kv_cache_usage=min(max(float(self.kv_cache_manager.usage), 0.0), 1.0),
+                       time_unix_s=time.time())
+
+    def publish_metrics(self) -> MetricsSnapshot:
+        """Publish a snapshot to the configured outlets now, and return it."""
+        snapshot = self.metrics_snapshot()
+        self.metrics.publish(snapshot, self.clock())
+        return snapshot
+
+    def _publish_if_idle(self) -> None:
+        # The engine blocks once it has no requests: publish the final figures first.
+        if self.metrics.enabled and not self.has_unfinished_requests():
+            self.publish_metrics()
 
     # -------------------------------------------------------------------------------- reading
 

@@ -201,6 +201,7 @@ PINNED_SIGNATURES = {
     "get_request_counts": "(self)",
     "_enqueue_waiting_request": "(self, request)",
     "_free_request": "(self, request, delay_free_blocks=False)",
+    "finish_requests": "(self, request_ids, finished_status)",
 }
 
 
@@ -531,6 +532,93 @@ def test_a_thousand_tenants_and_a_flooder(tiny_model_dir):
         service = scheduler.counters.service(tenant)
         assert (service.input_tokens, service.output_tokens) == (8, 2)
     assert not scheduler.counters.active_tenants()
+
+
+# ------------------------------------------------------------------------------ metrics
+
+
+def test_metrics_report_service_queues_and_throttle_per_tenant(tiny_model_dir, tmp_path, caplog):
+    from prometheus_client import CollectorRegistry
+
+    from vllm_fairserve.metrics import MetricsPublisher, PrometheusExporter, read_snapshot
+
+    path = tmp_path / "metrics" / "fairserve.json"
+    fairserve_metrics = {"path": str(path), "publish_interval_s": 5, "log_interval_s": 30}
+    scheduler, driver = build_mode(tiny_model_dir, "sync", max_num_seqs=1,
+                                   additional_config={"fairserve": TIGHT_THROTTLE,
+                                                      "fairserve_metrics": fairserve_metrics})
+    clock = scheduler.clock = Clock()
+    registry = CollectorRegistry()
+    scheduler.metrics = MetricsPublisher(scheduler.metrics.config, PrometheusExporter(1000, registry))
+    driver.add(make_request("a0", tenant="a", application="chat", prompt_tokens=16, max_tokens=3),
+               make_request("a1", tenant="a", application="chat", prompt_tokens=16, max_tokens=3),  # held
+               make_request("b0", tenant="b", application="chat", prompt_tokens=16, max_tokens=3))
+    with caplog.at_level(logging.INFO, logger="vllm_fairserve.metrics"):
+        driver.step()  # the first schedule() publishes: nothing was published before
+    now = read_snapshot(path)
+    assert now["tenants"]["a"]["running"] == 1 and now["tenants"]["a"]["held"] == 1
+    assert now["tenants"]["b"]["waiting"] == 1 and (now["waiting"], now["running"], now["held"]) == (1, 1, 1)
+    assert now["tenants"]["a"]["throttle_held"] == 1 and now["tenants"]["b"]["throttle_held"] == 0
+    assert any("fairserve: 2 tenants (2 active), 1 waiting, 1 running, 1 held" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
+    driver.step()
+    assert read_snapshot(path) == now  # not due yet: the interval is 5 s of the scheduler's clock
+
+    clock.now += 61  # a1's window passes: released, and then everything runs to the end
+    driver.run()
+    final = read_snapshot(path)  # published when the engine ran out of requests
+    counters = scheduler.counters
+    for tenant in ("a", "b"):
+        figures, service = final["tenants"][tenant], counters.service(tenant)
+        assert (figures["input_tokens"], figures["output_tokens"]) == (service.input_tokens, service.output_tokens)
+        assert figures["counter"] == pytest.approx(counters.counter(tenant))
+        assert (figures["waiting"], figures["running"], figures["held"], figures["active"]) == (0, 0, 0, False)
+        sample = registry.get_sample_value
+        assert sample("fairserve:served_tokens_total", {"tenant": tenant, "kind": "output"}) == service.output_tokens
+        assert sample("fairserve:served_tokens_total", {"tenant": tenant, "kind": "input"}) == service.input_tokens
+        assert sample("fairserve:service_counter", {"tenant": tenant}) == pytest.approx(counters.counter(tenant))
+        assert sample("fairserve:requests", {"tenant": tenant, "state": "waiting"}) == 0
+    assert final["tenants"]["a"]["output_tokens"] == 6 and final["tenants"]["a"]["input_tokens"] == 32
+    assert final["tenants"]["a"]["throttle_released"] == 1
+    assert registry.get_sample_value("fairserve:throttled_requests_total",
+                                     {"tenant": "a", "outcome": "released"}) == 1
+
+
+def test_metrics_cap_tenant_labels_and_publish_client_aborts(tiny_model_dir):
+    from prometheus_client import CollectorRegistry
+    from vllm.v1.request import RequestStatus
+
+    from vllm_fairserve.metrics import MetricsConfig, MetricsPublisher, PrometheusExporter
+
+    scheduler, driver = build_mode(tiny_model_dir, "sync")
+    registry = CollectorRegistry()
+    scheduler.metrics = MetricsPublisher(MetricsConfig(log_interval_s=0), PrometheusExporter(2, registry))
+    driver.add(*[make_request(f"r{i}", tenant=f"t{i}", prompt_tokens=8, max_tokens=2) for i in range(4)])
+    driver.run()
+    sample = registry.get_sample_value
+    assert sample("fairserve:served_tokens_total", {"tenant": "t0", "kind": "output"}) == 2
+    assert sample("fairserve:served_tokens_total", {"tenant": "t2", "kind": "output"}) is None
+    assert sample("fairserve:served_tokens_total", {"tenant": "_other", "kind": "output"}) == 4  # t2 + t3
+    # A client abort that empties the engine is published at once (the engine blocks after it).
+    driver.add(make_request("gone", tenant="t0", prompt_tokens=8, max_tokens=50))
+    driver.step()
+    assert scheduler.publish_metrics().tenant("t0").running == 1
+    assert sample("fairserve:requests", {"tenant": "t0", "state": "running"}) == 1
+    scheduler.finish_requests("gone", RequestStatus.FINISHED_ABORTED)
+    assert sample("fairserve:requests", {"tenant": "t0", "state": "running"}) == 0
+
+
+def test_metrics_settings_are_checked_at_construction(tiny_model_dir, monkeypatch):
+    from vllm_fairserve.config import FairServeConfigError
+
+    with pytest.raises(FairServeConfigError, match=r"fairserve_metrics\.publish_interval_s = 0"):
+        build(tiny_model_dir, additional_config={"fairserve_metrics": {"publish_interval_s": 0}})
+    with pytest.raises(FairServeConfigError, match=r"fairserve_metrics\.file: unknown key"):
+        build(tiny_model_dir, additional_config={"fairserve_metrics": {"file": "/tmp/x.json"}})
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    with pytest.raises(FairServeConfigError, match="PROMETHEUS_MULTIPROC_DIR is not set"):
+        build(tiny_model_dir, additional_config={"fairserve_metrics": {"prometheus": True}})
+    assert build(tiny_model_dir).metrics.exporter is None  # auto: no multiprocess dir, no exporter
 
 
 # ------------------------------------------------------------------------ nothing is lost
