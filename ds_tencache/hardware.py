@@ -30,9 +30,13 @@ PCIE5_X16_GBPS = 16 * 32 * 128 / 130 / 8  # 63.0 GB/s
 # (Ren et al. 2021, Table 3) measures 1B parameters in ~0.2-0.3 s on a two-socket server; a
 # single-GPU VM has a fraction of those cores, so we assume 2e9 parameters/s (an assumption).
 CPU_ADAM_PARAMS_PER_S = 2e9
-# Pinned host memory the training process may use: DeepSpeed pins its buffers and the OS, the
-# data loader and the unpinned fp32 partitions need the rest; we assume 3/4 of host DRAM.
-PINNED_SHARE_OF_HOST = 0.75
+# Host memory needed per byte of model state kept in CPU memory: DeepSpeed's own sizing rule,
+# ``estimate_zero3_model_states_mem_needs(..., additional_buffer_factor=1.5)`` in
+# runtime/zero/stage3.py (0.19.8), which asks for 1.5x the offloaded bytes (the rest goes to the
+# OS, the process, staging buffers and fragmentation). So the CPU tier -- pinned parameter pool
+# plus cached optimizer states -- may fill host DRAM / 1.5. (Until this was checked the presets
+# assumed an unsourced 3/4 of DRAM.)
+HOST_BUFFER_FACTOR = 1.5
 # Per sub-module cost of ZeRO-3's Python hooks and kernel launches on a GPU host (assumption:
 # DeepSpeed's coordinator does tens of microseconds of Python per fetch and release).
 GPU_HOOK_OVERHEAD_S = 50e-6
@@ -50,7 +54,7 @@ class HardwareModel:
     d2h_bytes_per_s: float  # device -> pinned host, achievable
     nvme_read_bytes_per_s: float
     nvme_write_bytes_per_s: float
-    pinned_cpu_bytes: int  # host memory the process may pin for the CPU tier
+    pinned_cpu_bytes: int  # host memory the CPU tier (pinned pool + cached states) may fill
     cpu_adam_params_per_s: float
     group_overhead_s: float  # fixed cost per fetch group (hooks, launches)
 
@@ -63,8 +67,8 @@ class HardwareModel:
         return flops / self.flops_per_s + self.group_overhead_s
 
 
-def _host_pinned(host_bytes: float) -> int:
-    return int(host_bytes * PINNED_SHARE_OF_HOST)
+def _host_tier(host_bytes: float) -> int:
+    return int(host_bytes / HOST_BUFFER_FACTOR)
 
 
 def _datasheet_preset(name: str, dense_tflops: float, gpu_mem: int, pcie_gbps: float,
@@ -75,7 +79,7 @@ def _datasheet_preset(name: str, dense_tflops: float, gpu_mem: int, pcie_gbps: f
         name=name, peak_flops=dense_tflops * TFLOPS, flop_fraction=ACHIEVABLE_FLOP_FRACTION,
         gpu_mem_bytes=gpu_mem, h2d_bytes_per_s=link, d2h_bytes_per_s=link,
         nvme_read_bytes_per_s=nvme_read_gbps * GB, nvme_write_bytes_per_s=nvme_write_gbps * GB,
-        pinned_cpu_bytes=_host_pinned(host_bytes), cpu_adam_params_per_s=CPU_ADAM_PARAMS_PER_S,
+        pinned_cpu_bytes=_host_tier(host_bytes), cpu_adam_params_per_s=CPU_ADAM_PARAMS_PER_S,
         group_overhead_s=GPU_HOOK_OVERHEAD_S,
     )
 

@@ -25,10 +25,24 @@ parameters, fill the pinned CPU memory; the rest lives on NVMe.
 **Optimizer step.** Both run DeepSpeed's CPU Adam over every parameter after the backward pass
 (the last gradient must arrive first). Each parameter has ``OPTIMIZER_BYTES_PER_PARAM`` of fp32
 state (master weight, Adam m and v, gradient). Stock with ``offload_optimizer: nvme`` reads and
-writes all of it every step, and by default not pipelined: ``stage3.py`` swaps a sub-group in,
-steps it, swaps it out (``pipeline_read``/``pipeline_write`` default False), so the three times
-add. TenCache keeps what fits in pinned CPU memory there and streams the rest through its pool
-while Adam runs (an assumption of this model: the store overlaps read, compute and write).
+writes all of it every step, serially by default (DeepSpeed 0.19.8):
+
+- the fp32 gradients go to NVMe after the backward pass (``stage3.py``
+  ``_finalize_offload_gradient_accumulation`` -> ``swap_out_gradients``, L1459-L1482), and the
+  first swap-in waits for them (``partitioned_optimizer_swapper.py`` ``swap_in_optimizer_state``
+  -> ``_flush_gradient_swapper``, L77);
+- ``stage3.py`` ``step`` (L2910-L2926) then, per sub-group: swaps in master weight, m, v and the
+  gradient and waits (``_swap_in_parameter``, ``aio_handle.wait()`` L183 and L204), steps, writes
+  the updated fp16 partition of NVMe parameters and waits (``_partitioned_params_swap_out`` ->
+  ``partitioned_param_swapper.py`` ``swap_out_partitioned_params``, ``synchronize_writes`` L407),
+  and writes the states back and waits (``_swap_out_optimizer_state``, L106). Read, Adam and write
+  times therefore add. With ``pipeline_read``/``pipeline_write`` the ``PipelinedOptimizerSwapper``
+  overlaps the next read and this write with Adam; that is modelled as ``max(Adam, read + write)``
+  (one drive: its reads and writes share it).
+
+TenCache keeps what fits in CPU memory there and streams the rest through its pool while Adam
+runs (an assumption of this model: its store pipelines read, Adam and write, which is what stock's
+pipelined swapper does too, so the fair baseline for that assumption is stock pipelined).
 
 **Lower bound** (:func:`lower_bound`): the largest of the independent resource times: GPU compute
 followed by CPU Adam; every non-persistent parameter copied to the device once and every gradient

@@ -80,6 +80,21 @@ def test_tencache_by_hand_one_parameter_budget():
     assert result.hit_rate == 0.25
 
 
+def test_stock_optimizer_on_nvme_by_hand_serial_and_pipelined():
+    # Optimizer states on NVMe: 20 parameters x 16 B = 320 B read (320 s at 1 B/s) and written
+    # (320 s); Adam 4 s. Stock's default swapper waits for each: 320 + 4 + 320 = 644 s after the
+    # 50 s forward/backward of test_stock_by_hand_with_prefetch. The pipelined swapper overlaps
+    # Adam with the I/O of one drive: max(4, 320 + 320) = 640 s.
+    serial = simulate_stock(HAND_TRACE, UNIT_MACHINE,
+                            unit_settings(offload_optimizer={"device": "nvme"}))
+    pipelined = simulate_stock(HAND_TRACE, UNIT_MACHINE, unit_settings(
+        offload_optimizer={"device": "nvme", "pipeline_read": True, "pipeline_write": True}))
+    assert serial.optimizer_s == pytest.approx(644.0)
+    assert pipelined.optimizer_s == pytest.approx(640.0)
+    assert serial.step_time_s == pytest.approx(694.0 + GRADIENT_S, abs=1e-9)
+    assert serial.bytes_moved["nvme_to_cpu"] == serial.bytes_moved["cpu_to_nvme"] == 320
+
+
 def test_lower_bound_by_hand():
     # max(compute 40 + Adam 4, 20 B / 1 B/s to the device, gradients ~0) = 44 s.
     assert lower_bound(HAND_TRACE, UNIT_MACHINE, unit_settings()) == pytest.approx(44.0)
