@@ -8,7 +8,10 @@ enough that a policy's effect on who is served when carries over:
   request takes one token, a prefilling one the rest of its prompt up to the budget (chunked
   prefill). Then, only if nobody was preempted in this step, waiting requests are admitted in
   the policy's order until the budget, the seats or the KV cache run out; the head that does
-  not fit stops admission (no skipping).
+  not fit stops admission (no skipping). Two policy hooks, which vLLM's own policies leave
+  inert, come in here: the policy may free the head's blocks by preempting running requests
+  (``make_room``), and may hold the head back although it fits (``may_join``); FairServe's
+  throttle uses them to keep over-allowance traffic out of the KV headroom (``throttle.py``).
 - The KV cache is ``num_kv_blocks`` blocks of ``block_size`` tokens. A request holds
   ceil(tokens computed / block_size) blocks. When a running request cannot get the blocks of
   its next tokens, the policy picks a victim, which loses all its blocks (recompute
@@ -29,8 +32,9 @@ long, and the end reason is recorded.
 Speed. Simulating step by step costs one Python iteration per running request per step. When
 a step is pure decode (every running request computes one token), nobody can be admitted
 (nothing waits, the seats are full, or the free KV blocks cannot hold the first chunk of the
-FIFO head -- for a fair queue, whose head moves, of the smallest prompt in the trace), nothing
-is held and no arrival falls inside, the next steps are identical except for their count, and
+FIFO head -- for a fair queue, whose head moves, of the smallest prompt in the trace; for a
+policy that may evict to admit, nothing waits at all), nothing is held and no arrival falls
+inside, the next steps are identical except for their count, and
 the engine applies k of them at once ("fast-forward"). It stops
 before any finish, block shortage, arrival or sampling tick, and still makes every per-step
 policy call of the skipped steps -- ``step_start`` with that step's KV usage and waiting count,
@@ -264,7 +268,16 @@ class Engine:
             tokens = min(request.remaining, budget)
             need = self._blocks_for(tokens)
             if need > self._free_blocks:
-                break  # the head waits for memory; nobody overtakes it
+                victims = self.policy.make_room(request, need - self._free_blocks, self._running)
+                if not victims:
+                    break  # the head waits for memory; nobody overtakes it
+                for victim in victims:
+                    budget += scheduled.pop(victim, 0)
+                    self._preempt(victim)
+                continue  # the policy freed enough for the head, which is still first
+            free_after = (self._free_blocks - need) * cfg.block_size
+            if not self.policy.may_join(request, free_after, cfg.kv_capacity_tokens, not self._running):
+                break  # held back to keep headroom; nobody overtakes it
             self._dequeue()
             self._free_blocks -= need
             request.blocks = need
@@ -325,6 +338,10 @@ class Engine:
         """
         if not self.policy.num_waiting():
             return True
+        if self.policy.evicts_for_admission:
+            # The head may get memory by eviction, or pass the policy's headroom rule, at any
+            # step (both depend on counters and usage windows that move during a stretch).
+            return False
         budget = self.config.max_num_batched_tokens - running
         if running >= self.config.max_num_seqs or budget <= 0:
             return True

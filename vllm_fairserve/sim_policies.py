@@ -16,7 +16,7 @@ from vllm_fairserve.counters import WeightedServiceCounters
 from vllm_fairserve.identity import RequestIdentity
 from vllm_fairserve.queue import FairRequestQueue
 from vllm_fairserve.sim_model import Admission, SimRequest, _identity_of
-from vllm_fairserve.throttle import Decision, Throttle
+from vllm_fairserve.throttle import Decision, RunningRequest, Throttle
 from vllm_fairserve.workload import Workload
 
 # --------------------------------------------------------------------------------------------
@@ -87,6 +87,23 @@ class Policy(ABC):
 
     def on_tenant_idle(self, tenant: str) -> None:
         """``tenant`` has nothing waiting and nothing running."""
+
+    # --- joining the running batch
+    #: Whether ``make_room`` may ever evict: the engine's fast-forward then cannot take a head
+    #: that lacks memory as blocked for the steps it skips.
+    evicts_for_admission: bool = False
+
+    def may_join(self, request: SimRequest, free_kv_tokens_after: int, kv_capacity_tokens: int,
+                 batch_empty: bool) -> bool:
+        """Whether the waiting head may join the running batch, leaving ``free_kv_tokens_after``
+        of the KV cache's ``kv_capacity_tokens`` free. vLLM admits whatever fits."""
+        return True
+
+    def make_room(self, request: SimRequest, blocks_short: int,
+                  running: Mapping[SimRequest, None]) -> list[SimRequest]:
+        """Running requests to preempt so the waiting head gets the ``blocks_short`` KV blocks
+        it lacks; empty to let it wait. vLLM never preempts to admit."""
+        return []
 
     # --- preemption
     def pick_victim(self, running: Mapping[SimRequest, None]) -> SimRequest:
@@ -241,6 +258,9 @@ class FairServePolicy(_CounterPolicy):
     - The victim of a preemption belongs to the running tenant with the highest counter (the
       one furthest ahead); of its requests, the one with the least KV computed, whose
       recomputation wastes the least work.
+    - Joining the batch goes through the throttle's headroom and eviction rules
+      (``Throttle.may_join_batch``, ``Throttle.admission_victims``) with the time of the step's
+      start, as the scheduler adapter passes its clock.
     """
 
     name = "fairserve"
@@ -249,6 +269,7 @@ class FairServePolicy(_CounterPolicy):
         super().__init__(load_config(config))
         self.throttle = Throttle(self.config)
         self._held: dict[str, SimRequest] = {}
+        self._now = 0.0  # start of the current step (s): the throttle's clock for joining the batch
 
     def submit(self, request: SimRequest, now: float) -> tuple[Admission, str]:
         key = str(request.id)
@@ -261,6 +282,7 @@ class FairServePolicy(_CounterPolicy):
         self, now: float, kv_usage: float, waiting: int
     ) -> tuple[list[SimRequest], list[tuple[SimRequest, str]]]:
         self.throttle.observe_load(kv_usage, waiting)
+        self._now = now
         if not self._held:
             return [], []
         released = [self._held.pop(key) for key in self.throttle.release(now)]
@@ -279,6 +301,20 @@ class FairServePolicy(_CounterPolicy):
 
     def on_tenant_idle(self, tenant: str) -> None:
         self.counters.deactivate(tenant)
+
+    evicts_for_admission = True
+
+    def may_join(self, request: SimRequest, free_kv_tokens_after: int, kv_capacity_tokens: int,
+                 batch_empty: bool) -> bool:
+        return self.throttle.may_join_batch(request.identity, free_kv_tokens_after, kv_capacity_tokens,
+                                            batch_empty, self._now)
+
+    def make_room(self, request: SimRequest, blocks_short: int,
+                  running: Mapping[SimRequest, None]) -> list[SimRequest]:
+        counter = self.counters.counter
+        candidates = (RunningRequest(r, r.identity, counter(r.tenant), r.blocks, r.computed) for r in running)
+        return self.throttle.admission_victims(request.identity, counter(request.tenant), blocks_short,
+                                               candidates, self._now)
 
     def pick_victim(self, running: Mapping[SimRequest, None]) -> SimRequest:
         counter = self.counters.counter

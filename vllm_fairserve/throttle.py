@@ -27,16 +27,46 @@ application's characteristic usage in a sliding window has its new interactions 
   a reason after ``max_hold_s`` (``expire``), or cancelled (``cancel``). Held requests of one
   (tenant, application) leave in arrival order; one pair's backlog never blocks another's.
 
+Holding at arrival is not enough on its own. Once the overload passes, held requests are
+released, and over-allowance traffic that arrives while the engine is below its thresholds is
+admitted: the engine should not idle while there is work. But once admitted, those requests
+decode for seconds and keep their KV blocks, so an honest request arriving a moment later waits
+for memory the over-allowance pair occupies (the simulator showed a 10x chat flood holding ~60 %
+of the KV cache while throttled, and honest p99 TTFT at 9x its no-flood value). Two rules at the
+point where a waiting request joins the running batch keep the spare capacity usable by
+over-allowance traffic yet free for everyone else:
+
+- Headroom (``may_join_batch``). A request of a pair that is over its allowance joins the batch
+  only if, once it holds its blocks, the KV-cache usage stays below ``kv_usage_threshold`` (the
+  overload line that decides holding, applied to the batch) *and* the free KV still holds the
+  longest prompt any known application expects (``prompt_headroom_tokens``, from the config's
+  expected input + system tokens), so that an in-allowance request of any application can
+  start at once. The first term matters on large caches, the second on small ones (on the
+  simulator's 12,288-token A10G cache the 10 % above the threshold is 1,229 tokens, less than a
+  2,112-token summarisation prompt). In-allowance requests, and any request while nothing runs
+  (the engine must never idle with work waiting), are never held back by it.
+- Eviction (``admission_victims``). When the waiting request next in fair order is in its
+  allowance and cannot get its KV blocks, running requests of over-allowance pairs whose tenant
+  has a higher service counter are preempted (recomputed later, never lost) to make room:
+  highest counter first, and of a tenant's requests the one with the least KV computed, whose
+  recomputation wastes the least (then the last admitted, as vLLM's victim). This is the fair queue's own rule (serve the lowest counter)
+  carried over to memory; it only ever evicts traffic the throttle would hold, and only when
+  evicting frees enough for the waiting request, so no work is thrown away for nothing.
+
+Neither rule acts on in-allowance pairs, so heavy-but-legitimate applications are never held
+back or evicted by them; both act only when memory is short, which is overload.
+
 Time is always passed in (a monotonic clock, in seconds) so decisions are deterministic.
 """
 
 from __future__ import annotations
 
-import math
-
 import enum
+import math
 from collections import OrderedDict, deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
+from typing import Generic, TypeVar
 
 from vllm_fairserve.config import SECONDS_PER_MINUTE, ApplicationConfig, FairServeConfig
 from vllm_fairserve.identity import RequestIdentity
@@ -66,6 +96,21 @@ class TenantThrottleStats:
     expired: int = 0
     cancelled: int = 0
     holding: int = 0  # held right now
+
+
+RequestRef = TypeVar("RequestRef")
+
+
+@dataclass(frozen=True, slots=True)
+class RunningRequest(Generic[RequestRef]):
+    """What ``admission_victims`` needs to know of one running request; ``ref`` is the caller's
+    handle for it (a vLLM ``Request``, a simulated request), returned as is."""
+
+    ref: RequestRef
+    identity: RequestIdentity
+    counter: float  # its tenant's service counter (WeightedServiceCounters.counter)
+    kv_blocks: int  # KV blocks it holds, all freed if it is preempted
+    computed_tokens: int  # tokens whose KV it holds, recomputed if it is preempted
 
 
 @dataclass(slots=True)
@@ -116,6 +161,10 @@ class Throttle:
         self._held: OrderedDict[str, _Held] = OrderedDict()  # request id -> held, in hold order
         self._held_by_key: dict[UsageKey, deque[str]] = {}  # FIFO of held ids per pair
         self._stats: dict[str, TenantThrottleStats] = {}
+        self._prompt_headroom_tokens = max(
+            app.expected_input_tokens + app.expected_system_tokens
+            for app in map(self.config.application, self.config.application_ids())
+        )
 
     # --------------------------------------------------------------------------------- load
 
@@ -156,6 +205,13 @@ class Throttle:
         """Weighted tokens the identity's (tenant, application) used in the window ending now."""
         window = self._windows.get((identity.tenant, identity.application))
         return window.usage(now, self._limits.window_s) if window else 0.0
+
+    def over_allowance(self, identity: RequestIdentity, now: float) -> bool:
+        """Whether the identity's (tenant, application) used more than its allowance in the
+        window ending now (what makes its new interactions holdable under overload)."""
+        if not self._limits.enabled:
+            return False
+        return self.usage(identity, now) > self._allowance(self.config.application(identity.application))
 
     def _fits(self, identity: RequestIdentity, prompt_cost: float, now: float) -> bool:
         app = self.config.application(identity.application)
@@ -245,6 +301,66 @@ class Throttle:
         self._drop_held(held)
         self._stats_of(held.identity.tenant).cancelled += 1
         return True
+
+    # ------------------------------------------------------------- joining the running batch
+
+    @property
+    def prompt_headroom_tokens(self) -> int:
+        """KV tokens kept free of over-allowance traffic: the longest prompt (input + system
+        tokens) any known application expects."""
+        return self._prompt_headroom_tokens
+
+    def may_join_batch(self, identity: RequestIdentity, free_kv_tokens_after: int, kv_capacity_tokens: int,
+                       batch_empty: bool, now: float) -> bool:
+        """Whether a waiting request may join the running batch now (the headroom rule, see the
+        module docstring).
+
+        ``free_kv_tokens_after`` is what the KV cache has free (in tokens) once the request holds
+        the blocks it needs to join, out of ``kv_capacity_tokens``; ``batch_empty`` whether
+        nothing runs (then it may always join).
+        """
+        if kv_capacity_tokens <= 0:
+            raise ValueError(f"kv_capacity_tokens = {kv_capacity_tokens}: must be > 0")
+        usage_after = 1.0 - free_kv_tokens_after / kv_capacity_tokens
+        if batch_empty or (usage_after < self._limits.kv_usage_threshold
+                           and free_kv_tokens_after >= self._prompt_headroom_tokens):
+            return True
+        return not self.over_allowance(identity, now)
+
+    def admission_victims(self, waiting: RequestIdentity, waiting_counter: float, blocks_short: int,
+                          running: Iterable[RunningRequest[RequestRef]], now: float) -> list[RequestRef]:
+        """Running requests to preempt so that the waiting request next in fair order gets the
+        ``blocks_short`` KV blocks it lacks (the eviction rule, see the module docstring).
+
+        Candidates are requests of over-allowance pairs whose tenant's counter is above
+        ``waiting_counter``, taken highest counter first, then least KV computed, then latest
+        in ``running`` (pass it in admission order: vLLM's own victim is the last admitted);
+        the shortest such prefix that frees ``blocks_short`` is returned. The
+        list is empty when the waiting request is itself over its allowance, when nothing is
+        short, or when all candidates together would not free enough (evicting them would
+        waste their work and still not let it in).
+        """
+        if blocks_short <= 0 or not self._limits.enabled or self.over_allowance(waiting, now):
+            return []
+        over: dict[UsageKey, bool] = {}
+        candidates: list[tuple[float, int, int, RunningRequest[RequestRef]]] = []
+        for position, request in enumerate(running):
+            if request.counter <= waiting_counter:
+                continue
+            key = (request.identity.tenant, request.identity.application)
+            if key not in over:
+                over[key] = self.over_allowance(request.identity, now)
+            if over[key]:
+                candidates.append((-request.counter, request.computed_tokens, -position, request))
+        candidates.sort(key=lambda item: item[:3])
+        victims: list[RequestRef] = []
+        freed = 0
+        for *_, request in candidates:
+            victims.append(request.ref)
+            freed += request.kv_blocks
+            if freed >= blocks_short:
+                return victims
+        return []
 
     def record_usage(self, identity: RequestIdentity, output_tokens: int, now: float) -> None:
         """Count generated tokens (prompts were counted when their request was admitted)."""

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from vllm_fairserve.config import load_config
 from vllm_fairserve.identity import RequestIdentity
-from vllm_fairserve.throttle import Decision, Throttle
+from vllm_fairserve.throttle import Decision, RunningRequest, Throttle
 
 pytestmark = pytest.mark.unit
 
@@ -376,3 +376,135 @@ def test_every_submitted_request_ends_in_exactly_one_terminal_state(steps):
     assert sum(s.released for s in stats) == totals.get("released", 0)
     assert sum(s.expired for s in stats) == totals.get("expired", 0)
     assert sum(s.cancelled for s in stats) == totals.get("cancelled", 0)
+
+
+# ------------------------------------------------------------- joining the running batch
+#
+# CONFIG's longest expected prompt is the agent's 300 tokens: the headroom kept free of
+# over-allowance traffic. A 10,000-token cache puts the 0.9 usage line at 1,000 free tokens.
+CAPACITY = 10_000
+
+
+def over_allowance_chat(throttle, tenant="alice", now=0.0):
+    """Make ``tenant``'s chat pair use more than its 1,200-token allowance."""
+    throttle.record_usage(chat(tenant), 700, now)  # 1,400 weighted output tokens
+    assert throttle.over_allowance(chat(tenant), now)
+    return chat(tenant)
+
+
+def test_over_allowance_is_window_usage_above_the_allowance():
+    throttle = Throttle(CONFIG)
+    throttle.record_usage(chat(), CHAT_ALLOWANCE // 2 // 2, now=0.0)  # half the allowance
+    assert not throttle.over_allowance(chat(), 0.0)
+    over_allowance_chat(throttle, now=1.0)
+    assert not throttle.over_allowance(chat("bob"), 1.0)  # per (tenant, application)
+    assert not throttle.over_allowance(RequestIdentity("alice", "agent"), 1.0)
+    assert not throttle.over_allowance(chat(), 1.0 + THROTTLE["window_s"])  # the window slid past
+
+
+def test_prompt_headroom_is_the_longest_expected_prompt():
+    assert Throttle(CONFIG).prompt_headroom_tokens == AGENT["expected_input_tokens"]
+    summarise = {"id": "summarise", "expected_input_tokens": 2048, "expected_system_tokens": 64,
+                 "expected_output_tokens": 160, "interactions_per_minute": 1}
+    assert Throttle(load_config({"applications": [CHAT, summarise]})).prompt_headroom_tokens == 2048 + 64
+    assert Throttle().prompt_headroom_tokens == 256  # the implicit default application
+
+
+@pytest.mark.parametrize(("free_after", "joins"), [
+    (5_000, True),  # plenty of room
+    (1_001, True),  # usage just under the 0.9 line, more than the 300-token headroom free
+    (1_000, False),  # at the overload line
+    (50, False),
+])
+def test_over_allowance_request_joins_only_below_the_overload_line(free_after, joins):
+    throttle = Throttle(CONFIG)
+    alice = over_allowance_chat(throttle)
+    assert throttle.may_join_batch(alice, free_after, CAPACITY, batch_empty=False, now=0.0) is joins
+
+
+def test_over_allowance_request_keeps_the_longest_expected_prompt_free():
+    """On a small cache the 10 % above the overload line is less than one expected prompt."""
+    throttle = Throttle(CONFIG)
+    alice = over_allowance_chat(throttle)
+    small = 2_000  # 0.9 line at 200 free tokens, below the 300-token headroom
+    assert throttle.may_join_batch(alice, 300, small, batch_empty=False, now=0.0)
+    assert not throttle.may_join_batch(alice, 299, small, batch_empty=False, now=0.0)
+
+
+def test_in_allowance_requests_and_an_empty_batch_are_never_held_back():
+    throttle = Throttle(CONFIG)
+    alice = over_allowance_chat(throttle)
+    assert throttle.may_join_batch(chat("bob"), 0, CAPACITY, batch_empty=False, now=0.0)
+    assert throttle.may_join_batch(RequestIdentity("alice", "agent"), 0, CAPACITY, batch_empty=False, now=0.0)
+    # Nothing runs: holding it back would idle the engine with work waiting.
+    assert throttle.may_join_batch(alice, 0, CAPACITY, batch_empty=True, now=0.0)
+    disabled = Throttle(load_config({"applications": [CHAT], "throttle": {**THROTTLE, "enabled": False}}))
+    disabled.record_usage(chat(), 10_000, 0.0)
+    assert disabled.may_join_batch(chat(), 0, CAPACITY, batch_empty=False, now=0.0)
+
+
+def test_may_join_batch_rejects_an_empty_cache():
+    with pytest.raises(ValueError, match="kv_capacity_tokens = 0"):
+        Throttle(CONFIG).may_join_batch(chat(), 0, 0, batch_empty=False, now=0.0)
+
+
+def running(name, identity, counter, blocks, computed):
+    return RunningRequest(name, identity, counter, blocks, computed)
+
+
+def test_eviction_takes_over_allowance_requests_highest_counter_then_least_computed():
+    throttle = Throttle(CONFIG)
+    flood, other = over_allowance_chat(throttle, "flood"), over_allowance_chat(throttle, "other")
+    batch = [
+        running("honest", chat("bob"), counter=900.0, blocks=50, computed=800),  # in allowance: never
+        running("flood-old", flood, counter=500.0, blocks=10, computed=160),
+        running("flood-new", flood, counter=500.0, blocks=4, computed=64),
+        running("other", other, counter=300.0, blocks=20, computed=300),
+        running("behind", over_allowance_chat(throttle, "behind"), counter=90.0, blocks=99, computed=10),
+    ]
+    evict = throttle.admission_victims
+    # The waiting tenant's counter is 100: "behind" (90) is not ahead of it, so never a victim.
+    assert evict(chat("carol"), 100.0, 3, batch, 0.0) == ["flood-new"]
+    assert evict(chat("carol"), 100.0, 14, batch, 0.0) == ["flood-new", "flood-old"]
+    assert evict(chat("carol"), 100.0, 15, batch, 0.0) == ["flood-new", "flood-old", "other"]
+    # All candidates free 34 blocks: not enough for 35, so nobody's work is thrown away.
+    assert evict(chat("carol"), 100.0, 35, batch, 0.0) == []
+    assert evict(chat("carol"), 100.0, 0, batch, 0.0) == []  # nothing short
+    assert evict(chat("carol"), 400.0, 4, batch, 0.0) == ["flood-new"]  # "other" is behind 400
+    # An over-allowance request never evicts anyone.
+    assert evict(flood, 100.0, 3, batch, 0.0) == []
+
+
+REQUESTS = st.lists(
+    st.tuples(st.sampled_from(["alice", "bob", "carol"]), st.floats(0, 1000), st.integers(1, 40),
+              st.integers(1, 600)),
+    max_size=12,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(requests=REQUESTS, over=st.sets(st.sampled_from(["alice", "bob", "carol", "dave"])),
+       waiting=st.sampled_from(["alice", "bob", "carol", "dave"]), waiting_counter=st.floats(0, 1000),
+       short=st.integers(-5, 200))
+def test_eviction_frees_enough_by_evicting_only_over_allowance_tenants_ahead(requests, over, waiting,
+                                                                            waiting_counter, short):
+    throttle = Throttle(CONFIG)
+    for tenant in over:
+        over_allowance_chat(throttle, tenant)
+    batch = [running(index, chat(tenant), counter, blocks, computed)
+             for index, (tenant, counter, blocks, computed) in enumerate(requests)]
+    victims = throttle.admission_victims(chat(waiting), waiting_counter, short, batch, 0.0)
+    eligible = [r for r in batch if r.identity.tenant in over and r.counter > waiting_counter]
+    if short <= 0 or waiting in over or sum(r.kv_blocks for r in eligible) < short:
+        assert victims == []
+        return
+    chosen = [batch[index] for index in victims]
+    assert len(set(victims)) == len(victims)
+    assert all(r in eligible for r in chosen)
+    freed = sum(r.kv_blocks for r in chosen)
+    assert freed >= short
+    assert freed - chosen[-1].kv_blocks < short  # the shortest prefix: no victim too many
+    # Highest counter first; every eligible request left out ranks after the last victim.
+    rank = [(-r.counter, r.computed_tokens, -r.ref) for r in chosen]
+    assert rank == sorted(rank)
+    assert all((-r.counter, r.computed_tokens, -r.ref) > rank[-1] for r in eligible if r.ref not in victims)
