@@ -161,7 +161,10 @@ class ThrottleConfig(_Block):
     """Turn throttling off to get pure weighted fair scheduling."""
 
     kv_usage_threshold: float = Field(DEFAULT_KV_USAGE_THRESHOLD, ge=0.0, le=1.0)
-    """The engine is overloaded when its KV-cache usage fraction is at least this."""
+    """The engine is overloaded when its KV-cache usage fraction is at least this. Requests of
+    over-allowance pairs also join the running batch only while usage stays below it (and the
+    longest expected prompt of any application stays free), so the cache above it is kept for
+    in-allowance arrivals."""
 
     waiting_queue_threshold: int = Field(DEFAULT_WAITING_QUEUE_THRESHOLD, ge=0)
     """The engine is overloaded when at least this many requests wait."""

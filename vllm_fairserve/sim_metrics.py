@@ -93,11 +93,13 @@ def vtc_bound(max_input_tokens: int, max_batch_tokens: int, input_price: float =
 
     Verified in VTC's artifact (``slora/server/router/vtc_req_queue.py``): the prices w_p = 1
     and w_q = 2 (``input_price=1, output_price=2``), and that a batch is bounded by the token
-    pool it reserves. Verified in the paper's abstract: a "2x tight upper bound" for two
-    backlogged clients. Assumed: the exact form of U, recalled from the paper's Section 4,
-    since the theorem's text could not be retrieved here. It matches the issue's reading
-    except for M, which the paper (as recalled) defines as the batch's token capacity, not one
-    request's output; the simulator's M is its whole KV cache in tokens.
+    pool (``_can_add_new_req`` admits a request only while the batch's worst-case tokens stay
+    under ``max_total_tokens``, the server's ``--max_total_token_num``): that pool is M.
+    Verified in the paper's abstract: a "2x tight upper bound" for two backlogged clients.
+    Not verified: the theorem's own text, which could not be retrieved here (only the
+    abstract of arXiv 2401.00588 is reachable); the form of U is recalled from its Section 4.
+    M is therefore the batch's token capacity, not one request's output; the simulator's M is
+    its whole KV cache in tokens.
     """
     return 2.0 * max(input_price * max_input_tokens, output_price * max_batch_tokens)
 
