@@ -4,16 +4,21 @@
 
 Each 6B+ model is profiled on the meta device (cached), then replayed by ``ds_tencache.sim`` on the
 A100-40GB preset under the ZeRO-Infinity config below (parameters and optimizer states on NVMe,
-DeepSpeed's defaults otherwise). Calibration replays the tiny model that
-``benchmarks/tencache_train.py`` really trained, on a hardware model measured on this machine,
-against the step times recorded in ``benchmarks/results/tencache_train.json`` (not re-run here).
+DeepSpeed's defaults otherwise). Calibration runs ``benchmarks/tencache_train.py``'s CPU-offload
+A/B on the tiny model here (a few minutes), measures this machine's rates and ZeRO-3's own
+per-fetch-group cost in the same run, and compares the simulated step times with the measured
+ones. Run it under ``flock /tmp/cpu-heavy.lock`` on a shared machine: it times real training.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -21,13 +26,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ds_tencache.hardware import A100_40GB, PRESETS, measure_host  # noqa: E402
+from benchmarks import tencache_train  # noqa: E402
+from ds_tencache.hardware import A100_40GB, PRESETS, HardwareModel, measure_host  # noqa: E402
 from ds_tencache.model_profiles import MODEL_CONFIGS, load_or_profile  # noqa: E402
 from ds_tencache.sim import (StockSettings, Trace, lower_bound, simulate_stock,  # noqa: E402
                              simulate_tencache)
 
 RESULTS = ROOT / "benchmarks" / "results"
-TRAIN_RESULTS = RESULTS / "tencache_train.json"
 # Micro-batch and sequence length of the projection: 4 x 1024 tokens fits the A100-40GB's
 # activation memory under checkpointing for every model here.
 BATCH, SEQ_LEN = 4, 1024
@@ -49,9 +54,17 @@ PAPER_TIME_S = {"OPT-6.7B": (4469, 1758), "BLOOM-7B1": (9445, 3436), "Falcon-7B"
 PAPER_HIT_RATE = {"stock": (0.01, 0.17), "tencache": (0.84, 1.00)}
 # The calibration run's shape (benchmarks/tencache_train.py via training_run.train defaults).
 CALIBRATION_SIZE, CALIBRATION_BATCH, CALIBRATION_SEQ = "small", 4, 64
-# Timed forward + backward passes of the calibration model; the first is a warm-up.
-CALIBRATION_REPEATS = 6
-CALIBRATION_CONFIG = ROOT / "configs" / "zero3_cpu_offload.json"
+# Steps per measured training run: tencache_train.py's comparison length.
+CALIBRATION_STEPS = 50
+# Stock / tencache run pairs measured per benchmark run (each run is its own process, ~30 s).
+CALIBRATION_PAIRS = 3
+# The config tencache_train.py builds its CPU-offload runs from.
+CALIBRATION_CONFIG = tencache_train.BASE_CONFIG
+# Tokens fed to the ZeRO-3 overhead measurement: one sequence of two tokens (one next-token
+# target, so the loss and the optimizer step are real), where compute is next to nothing.
+OVERHEAD_TOKENS = 2
+# Timed passes of each component measurement and the warm-up passes dropped before them.
+OVERHEAD_STEPS, OVERHEAD_WARMUP = 20, 3
 
 
 def project(name: str, hardware) -> dict:
@@ -81,60 +94,163 @@ def pipelined_config() -> dict:
     return config
 
 
-def calibrate() -> dict:
-    """Simulate the real CPU benchmark's run and compare with its measured step medians."""
+def calibrate(pairs: int) -> dict:
+    """Simulate the CPU benchmark's A/B and compare with the same A/B measured in this run.
+
+    The measured side is ``tencache_train.py``'s own workers (same model, seed, batches, budget
+    and configs), ``pairs`` stock/tencache runs interleaved. The simulated side uses rates
+    measured on this machine in between those runs (:func:`calibration_host`), never fitted to
+    the step times it is compared with.
+    """
     from transformers import AutoConfig
 
     from tiny_llama import ensure_model
 
-    measured_run = json.loads(TRAIN_RESULTS.read_text())
-    model = measured_run["model"]
-    budget = model["device_budget_bytes"]
-    config = json.loads(CALIBRATION_CONFIG.read_text())
-    zero = config["zero_optimization"]
-    # The benchmark's stock side: max live and reuse distance set to the budget in fp32 elements.
-    zero["stage3_max_live_parameters"] = budget // 4
-    zero["stage3_max_reuse_distance"] = budget // 4
-    settings = StockSettings.from_ds_config(config)
     model_config = AutoConfig.from_pretrained(ensure_model(CALIBRATION_SIZE))
     profile = load_or_profile(f"tiny-{CALIBRATION_SIZE}", CALIBRATION_BATCH, CALIBRATION_SEQ,
                               dtype="float32", config=model_config)
-    trace = Trace.from_model_profile(profile)
-    # No accelerator: "device" memory is host memory, so neither bound binds; the policies
-    # differ only by the budget the benchmark gave TenCache.
-    host = measure_host(gpu_mem_bytes=2**40, pinned_cpu_bytes=2**40, group_overhead_s=0.0)
-    # At hidden size 512 and 256 tokens the non-GEMM ops (norms, softmax, SiLU, loss) are a large
-    # share of the step, so a pure GEMM rate overstates the speed: the compute rate used is the
-    # one measured running this very model's forward and backward in plain PyTorch (no ZeRO-3).
-    gemm_flops = host.peak_flops
-    host = replace(host, peak_flops=_model_flops_per_s(ensure_model(CALIBRATION_SIZE), sum(profile.flops)))
-    trace = Trace(trace.groups, trace.backward, trace.flops, trace.numel, trace.nbytes, 0)
+    tokenless = load_or_profile(f"tiny-{CALIBRATION_SIZE}", 1, OVERHEAD_TOKENS, dtype="float32",
+                                config=model_config)
+    # No accelerator: "device" memory is host memory and holds no activations that matter here.
+    trace = replace(Trace.from_model_profile(profile), activation_bytes=0)
+    runs, components = measure_training(pairs)
+    host, derived = calibration_host(components, sum(profile.flops), Trace.from_model_profile(tokenless))
+    budget = runs["tencache"][0]["budget_bytes"]
+    # The stock side's exact config (the CPU mode has no swap folder or swap buffer size).
+    stock_config = tencache_train.run_config("cpu", "stock", budget, CALIBRATION_STEPS,
+                                             largest_numel=0, swap_dir=RESULTS)
+    settings = StockSettings.from_ds_config(stock_config)
     stock = simulate_stock(trace, host, settings)
     tencache = simulate_tencache(trace, host, settings, budget_bytes=budget)
-    measured = {side: measured_run["modes"]["cpu"][side]["step_time_median_s"]
-                for side in ("stock", "tencache")}
+    measured = {side: tencache_train.summarise(runs[side], None)["step_time_median_s"]
+                for side in tencache_train.SIDES}
     simulated = {"stock": stock.step_time_s, "tencache": tencache.step_time_s}
     error = max(abs(simulated[s] - measured[s]) / measured[s] for s in measured)
-    return {"model": f"tiny_llama {CALIBRATION_SIZE} ({model['num_parameters']:,} params, fp32, "
-                     f"batch {CALIBRATION_BATCH} x {CALIBRATION_SEQ})",
+    return {"model": f"tiny_llama {CALIBRATION_SIZE} ({runs['stock'][0]['num_parameters']:,} params, "
+                     f"fp32, batch {CALIBRATION_BATCH} x {CALIBRATION_SEQ})",
             "measured_step_s": measured, "simulated_step_s": simulated, "relative_error": error,
-            "host": asdict(host), "host_gemm_flops_per_s": gemm_flops}
+            "measured_pairs": pairs, "device_budget_bytes": budget,
+            "simulated_parts_s": {side: {"forward_backward": r.forward_backward_s,
+                                         "optimizer": r.optimizer_s}
+                                  for side, r in (("stock", stock), ("tencache", tencache))},
+            "host": asdict(host), "components": {"measured": components, **derived}}
 
 
-def _model_flops_per_s(model_dir: Path, flops_per_step: float) -> float:
-    """FLOP/s of the calibration model's own forward + backward, measured in plain PyTorch."""
+def calibration_host(components: list[dict], flops_per_step: float,
+                     tokenless: Trace) -> tuple[HardwareModel, dict]:
+    """This machine as the simulator sees it, from the medians of the measurements:
+
+    - links: a memcpy (``measure_host``): with no accelerator every link is host memory;
+    - compute: the model's forward + backward in plain PyTorch at the calibration shape (its
+      non-GEMM ops are a large share at this size, so a pure GEMM rate would overstate it);
+    - ZeRO-3's own cost, from a real ZeRO-3 engine on the same model fed ``OVERHEAD_TOKENS``
+      tokens, where compute is next to nothing: its forward + backward minus plain PyTorch's at
+      that shape, minus the transfers the simulator models itself, spread over the fetch groups
+      (``group_overhead_s``: hooks, gathers, gradient reduction and partitioning -- work that
+      does not grow with tokens); and its optimizer step (DeepSpeed's CPU Adam with the
+      engine's norm and copies) as the optimizer rate.
+    """
+    median = {key: statistics.median(c[key] for c in components) for key in components[0]}
+    host = measure_host(gpu_mem_bytes=2**40, pinned_cpu_bytes=2**40, group_overhead_s=0.0)
+    host = replace(host, peak_flops=flops_per_step / median["plain_forward_backward_s"])
+    zero_flops = Trace(tokenless.groups, tokenless.backward, [0.0] * len(tokenless.flops),
+                       tokenless.numel, tokenless.nbytes)
+    default = StockSettings.from_ds_config(json.loads(CALIBRATION_CONFIG.read_text()))
+    transfers_s = simulate_stock(zero_flops, host, default).forward_backward_s
+    zero3_own_s = (median["zero3_tokenless_forward_backward_s"]
+                   - median["plain_tokenless_forward_backward_s"] - transfers_s)
+    params = sum(tokenless.numel.values())
+    host = replace(host, group_overhead_s=max(0.0, zero3_own_s) / len(tokenless.groups),
+                   cpu_adam_params_per_s=params / median["zero3_step_s"])
+    return host, {"median": median, "modelled_transfers_s": transfers_s,
+                  "fetch_groups": len(tokenless.groups)}
+
+
+def measure_training(pairs: int) -> tuple[dict[str, list[dict]], list[dict]]:
+    """``pairs`` stock / tencache runs of ``tencache_train.py``'s CPU-offload A/B, each pair
+    preceded by the component measurements (:func:`zero3_worker`), so that both see the same
+    state of a shared machine."""
+    from tqdm import tqdm
+
+    scratch = RESULTS / ".scratch-sim"
+    scratch.mkdir(parents=True, exist_ok=True)
+    runs: dict[str, list[dict]] = {side: [] for side in tencache_train.SIDES}
+    components = []
+    for _ in tqdm(range(pairs), desc="calibration pairs", unit="pair"):
+        components.append(_run_zero3_worker())
+        for side in tencache_train.SIDES:
+            runs[side].append(tencache_train.spawn("cpu", side, CALIBRATION_SIZE, CALIBRATION_STEPS,
+                                                   scratch))
+    shutil.rmtree(scratch)
+    return runs, components
+
+
+def _plain_step_s(model_dir: Path, batch: int, seq_len: int) -> float:
+    """Median forward + backward time of the model in plain PyTorch (no ZeRO-3), warm-up dropped."""
     import torch
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    batch = torch.randint(0, model.config.vocab_size, (CALIBRATION_BATCH, CALIBRATION_SEQ))
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq_len))
     times = []
-    for _ in range(CALIBRATION_REPEATS):
+    for _ in range(OVERHEAD_WARMUP + OVERHEAD_STEPS):
         start = time.perf_counter()
-        model(input_ids=batch, labels=batch).loss.backward()
+        model(input_ids=ids, labels=ids).loss.backward()
         times.append(time.perf_counter() - start)
         model.zero_grad(set_to_none=True)
-    return flops_per_step / min(times[1:])
+    return statistics.median(times[OVERHEAD_WARMUP:])
+
+
+def _run_zero3_worker() -> dict:
+    """:func:`zero3_worker` in its own process: DeepSpeed's process group stays out of this one."""
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "zero3.json"
+        done = subprocess.run([sys.executable, __file__, "--zero3-worker", str(out)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.stderr.write(done.stdout[-4000:] + done.stderr[-4000:])
+            raise SystemExit(f"ZeRO-3 overhead worker failed (exit {done.returncode}); output above")
+        return json.loads(out.read_text())
+
+
+def zero3_worker(out: Path) -> None:
+    """The component timings: plain PyTorch at the calibration shape and at ``OVERHEAD_TOKENS``
+    tokens, and a stock ZeRO-3 engine (the calibration config, DeepSpeed's defaults otherwise)
+    at ``OVERHEAD_TOKENS`` tokens: forward + backward, and the optimizer step."""
+    from tiny_llama.environment import apply_runtime_defaults
+
+    apply_runtime_defaults()
+    import deepspeed
+    import torch
+    from deepspeed.accelerator import get_accelerator
+    from transformers import AutoModelForCausalLM
+
+    from ds_tencache.training_run import ensure_single_process_env
+    from tiny_llama import ensure_model
+
+    model_dir = ensure_model(CALIBRATION_SIZE)
+    plain_s = _plain_step_s(model_dir, CALIBRATION_BATCH, CALIBRATION_SEQ)
+    plain_tokenless_s = _plain_step_s(model_dir, 1, OVERHEAD_TOKENS)
+    ensure_single_process_env()
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                      config=json.loads(CALIBRATION_CONFIG.read_text()))
+    ids = torch.randint(0, model.config.vocab_size, (1, OVERHEAD_TOKENS))
+    forward_backward, step = [], []
+    for _ in range(OVERHEAD_WARMUP + OVERHEAD_STEPS):
+        start = time.perf_counter()
+        engine.backward(engine(input_ids=ids, labels=ids).loss)
+        middle = time.perf_counter()
+        engine.step()
+        forward_backward.append(middle - start)
+        step.append(time.perf_counter() - middle)
+    engine.destroy()
+    out.write_text(json.dumps({
+        "plain_forward_backward_s": plain_s, "plain_tokenless_forward_backward_s": plain_tokenless_s,
+        "zero3_tokenless_forward_backward_s": statistics.median(forward_backward[OVERHEAD_WARMUP:]),
+        "zero3_step_s": statistics.median(step[OVERHEAD_WARMUP:])}))
 
 
 def plot(result: dict, path: Path) -> None:
@@ -174,42 +290,55 @@ def plot(result: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=RESULTS / "tencache_sim.json")
+    parser.add_argument("--pairs", type=int, default=CALIBRATION_PAIRS,
+                        help="stock/tencache training-run pairs measured for the calibration")
+    parser.add_argument("--zero3-worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.zero3_worker:
+        zero3_worker(args.zero3_worker)
+        return 0
     from tqdm import tqdm
 
     started = time.perf_counter()
     hardware = A100_40GB
     models = {}
-    other = {}
+    other = {key: {"hardware": asdict(preset), "models": {}} for key, preset in PRESETS.items()
+             if preset is not hardware}
     for name in tqdm(list(MODEL_CONFIGS), desc="profile + simulate", unit="model"):
         models[name] = project(name, hardware)
-        other[name] = {key: project(name, preset)["speedup"] for key, preset in PRESETS.items()
-                       if preset is not hardware}
-    calibration = calibrate()
-    result = {"hardware": asdict(hardware), "models": models, "calibration": calibration}
+        for key in other:
+            projected = project(name, PRESETS[key])
+            other[key]["models"][name] = {
+                "speedup": projected["speedup"], "speedup_vs_pipelined": projected["speedup_vs_pipelined"],
+                "tencache_over_bound": projected["tencache"]["step_time_s"] / projected["lower_bound_s"]}
+    calibration = calibrate(args.pairs)
+    result = {"hardware": asdict(hardware), "models": models, "other_hardware": other,
+              "calibration": calibration}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     plot(result, args.out.with_suffix(".png"))
 
     print(f"\n{hardware.name}, batch {BATCH} x {SEQ_LEN} tokens, ZeRO-Infinity (params + optimizer "
           f"on NVMe) vs TenCache")
-    header = (f"{'model':<12}{'params':>8}{'stock s':>9}{'tencache s':>11}{'bound s':>9}"
-              f"{'speedup':>8}{'tc/bound':>9}{'hit stock':>10}{'hit tc':>8}{'paper x':>8}"
-              + "".join(f"{'x ' + k:>12}" for k in other[next(iter(other))]))
+    header = (f"{'model':<12}{'params':>8}{'stock s':>9}{'pipel. s':>9}{'tencache s':>11}{'bound s':>9}"
+              f"{'speedup':>8}{'vs pipel.':>10}{'tc/bound':>9}{'hit stock':>10}{'hit tc':>8}{'paper x':>8}"
+              + "".join(f"{'x ' + k:>12}" for k in other))
     print(header)
     for name, m in models.items():
         paper = PAPER_TIME_S.get(name)
         print(f"{name:<12}{m['params'] / 1e9:>7.2f}B{m['stock']['step_time_s']:>9.2f}"
+              f"{m['stock_pipelined']['step_time_s']:>9.2f}"
               f"{m['tencache']['step_time_s']:>11.2f}{m['lower_bound_s']:>9.2f}{m['speedup']:>8.2f}"
-              f"{m['tencache']['step_time_s'] / m['lower_bound_s']:>9.2f}"
+              f"{m['speedup_vs_pipelined']:>10.2f}{m['tencache']['step_time_s'] / m['lower_bound_s']:>9.2f}"
               f"{m['stock']['hit_rate']:>10.2f}{m['tencache']['hit_rate']:>8.2f}"
               f"{(paper[0] / paper[1]) if paper else float('nan'):>8.2f}"
-              + "".join(f"{v:>12.2f}" for v in other[name].values()))
+              + "".join(f"{other[k]['models'][name]['speedup']:>12.2f}" for k in other))
     c = calibration
     print(f"calibration, {c['model']}: measured stock {c['measured_step_s']['stock'] * 1e3:.1f} ms, "
           f"tencache {c['measured_step_s']['tencache'] * 1e3:.1f} ms; simulated stock "
           f"{c['simulated_step_s']['stock'] * 1e3:.1f} ms, tencache "
-          f"{c['simulated_step_s']['tencache'] * 1e3:.1f} ms; relative error {c['relative_error']:.3f}")
+          f"{c['simulated_step_s']['tencache'] * 1e3:.1f} ms; relative error {c['relative_error']:.3f} "
+          f"(ZeRO-3's measured cost per fetch group {c['host']['group_overhead_s'] * 1e3:.2f} ms)")
     print(f"wrote {args.out} and {args.out.with_suffix('.png')} in {time.perf_counter() - started:.1f} s")
     return 0
 
