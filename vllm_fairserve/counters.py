@@ -217,6 +217,18 @@ class WeightedServiceCounters:
         heapq.heapify(self._heap)
 
 
+def preemption_order(counter: float, computed_tokens: int) -> tuple[float, int]:
+    """Sort key of a running request for preemption, ascending: the *last* in this order is the
+    victim when KV blocks run out (the simulator and ``FairScheduler`` both use it).
+
+    The victim belongs to the tenant with the highest counter, the one furthest ahead, so
+    preemption takes memory back the way the fair queue hands it out; of that tenant's requests,
+    the one with the least KV computed, whose recomputation wastes least. Ties keep the running
+    batch's admission order, so among equals the last admitted goes, as vLLM's own victim.
+    """
+    return counter, -computed_tokens
+
+
 def _check_tokens(name: str, value: int) -> None:
     if value < 0:
         raise ValueError(f"{name} = {value}: token counts must be >= 0")

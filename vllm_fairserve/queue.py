@@ -19,6 +19,14 @@ is therefore the true minimum, and when it is stale it is refreshed in place and
 goes on. Each charge costs at most one refresh. Code that ever *lowers* a counter must call
 ``notify_counter_changed(tenant)``, or that tenant may be served late.
 
+Admission gate. vLLM's scheduler asks ``if not request_queue`` right before it peeks at the
+head to admit it, once per admission, and nowhere else (a pinned test checks this in
+0.32's ``Scheduler.schedule``). While ``admission_gate`` is set, truth therefore answers "may the
+head join the running batch now": the scheduler adapter sets it for the duration of its
+``schedule()`` call so that the throttle's headroom rule sees each head with the memory left at
+that moment, and a refused head stops admission for the step (nobody overtakes it). ``len``
+still counts every queued request. Unset (the default) truth is plain non-emptiness.
+
 Activity. When a tenant's deque goes from empty to non-empty the queue activates the tenant in
 the counters (which applies VTC's lift if it was idle). Deactivating a tenant that has nothing
 waiting and nothing running is the scheduler's job: only it knows what is running.
@@ -64,6 +72,8 @@ class FairRequestQueue:
         self._heap: list[tuple[float, float, str, int]] = []  # (counter, head arrival, tenant, seq)
         self._live: dict[str, int] = {}  # tenant -> seq of its live heap entry
         self._seq = itertools.count()
+        #: While set, ``bool(queue)`` is ``gate(head)`` for a non-empty queue (see the module).
+        self.admission_gate: Callable[[QueuedRequest], bool] | None = None
 
     # ------------------------------------------------------------------- RequestQueue API
 
@@ -141,7 +151,12 @@ class FairRequestQueue:
             self._after_removal(tenant, head_changed=not queue or queue[0] is not old_head)
 
     def __bool__(self) -> bool:
-        return bool(self._tenant_of)
+        """Whether a request can be taken now: one is queued and, while an admission gate is
+        set, the gate lets the head join (see the module)."""
+        if not self._tenant_of:
+            return False
+        gate = self.admission_gate
+        return gate is None or gate(self.peek_request())
 
     def __len__(self) -> int:
         return len(self._tenant_of)

@@ -80,6 +80,7 @@ import vllm
 from vllm.config import VllmConfig
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.output import SchedulerOutput
+from vllm.v1.core.sched.interface import PauseState
 from vllm.v1.core.sched.request_queue import SchedulingPolicy
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
@@ -87,11 +88,11 @@ from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.request import Request, RequestStatus
 
 from vllm_fairserve.config import FAIRSERVE_KEY, FairServeConfig, FairServeConfigError, load_config
-from vllm_fairserve.counters import WeightedServiceCounters
+from vllm_fairserve.counters import WeightedServiceCounters, preemption_order
 from vllm_fairserve.identity import RequestIdentity, identity_from_extra_args
 from vllm_fairserve.metrics import MetricsPublisher, MetricsSnapshot, collect, load_metrics_config
 from vllm_fairserve.queue import FairRequestQueue
-from vllm_fairserve.throttle import Decision, Throttle
+from vllm_fairserve.throttle import Decision, RunningRequest, Throttle
 
 logger = logging.getLogger(__name__)
 
@@ -179,6 +180,7 @@ class FairScheduler(Scheduler):
         # id(scheduler output) -> (that output, [(identity, prompt tokens)]) until its step returns.
         self._pending_prompt_charges: dict[int, tuple[SchedulerOutput, list[tuple[RequestIdentity, int]]]] = {}
         self._throttle_outputs: dict[int, list[EngineCoreOutput]] = {}  # client index -> final outputs
+        self._gate_now = 0.0  # the throttle's clock for the admission gate during one schedule()
         _use_vllm_log_handlers()
         logger.info(
             "fairserve: %s active (vLLM %s, async scheduling %s): %d weighted tenants, %d applications, "
@@ -280,18 +282,26 @@ class FairScheduler(Scheduler):
 
     def schedule(self, throttle_prefills: bool = False) -> SchedulerOutput:
         self._observe_load()
+        now = self.clock()
         if self._held:
-            self._release_and_expire(self.clock())
+            self._release_and_expire(now)
         self._order_running_by_counter()
-        output = super().schedule(throttle_prefills)
+        self._evict_for_waiting_head(now)
+        self.waiting.admission_gate = self._may_join_batch
+        self._gate_now = now
+        try:
+            output = super().schedule(throttle_prefills)
+        finally:
+            self.waiting.admission_gate = None
         self._note_prompt_positions(output)
         if self.metrics.due(self.clock()):
             self.publish_metrics()
         return output
 
     def _order_running_by_counter(self) -> None:
-        """Lowest counter first, so vLLM's inline FCFS victim ``running[-1]`` is the request of
-        the highest-counter tenant (of its requests, the one with the least KV computed)."""
+        """Sort by ``preemption_order`` (stable: ties keep admission order), so vLLM's inline FCFS
+        victim ``running[-1]`` is the simulator's victim: the request of the highest-counter
+        tenant, of its requests the one with the least KV computed."""
         if len(self.running) < 2:
             return
         counter = self.counters.counter
@@ -303,9 +313,104 @@ class FairScheduler(Scheduler):
             value = by_tenant.get(tenant)
             if value is None:
                 value = by_tenant[tenant] = counter(tenant)
-            return value, -request.num_computed_tokens
+            return preemption_order(value, request.num_computed_tokens)
 
         self.running.sort(key=key)
+
+    # ------------------------------------------------------ joining the running batch
+
+    def _blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.block_size)
+
+    def _kv_capacity_tokens(self) -> int:
+        # The block pool's first block is its null block, never handed out (as BlockPool.get_usage).
+        return (self.kv_cache_manager.block_pool.num_gpu_blocks - 1) * self.block_size
+
+    def _admission_blocks(self, request: Request) -> int:
+        """Blocks that must be free for a waiting request to join: its whole sequence, as vLLM's
+        own gate (``scheduler_reserve_full_isl``) asks, without credit for prefix-cache hits
+        (unknown before vLLM looks them up, so the rules err towards keeping memory free)."""
+        return self._blocks_for(min(request.num_tokens, self.max_model_len))
+
+    def _may_join_batch(self, request: Request) -> bool:
+        """The throttle's headroom rule for the waiting head, asked by vLLM's admission loop
+        through the fair queue's admission gate with the memory left at that moment."""
+        free_after = self.kv_cache_manager.block_pool.get_num_free_blocks() - self._admission_blocks(request)
+        return self.throttle.may_join_batch(self._identity_of(request), max(free_after, 0) * self.block_size,
+                                            self._kv_capacity_tokens(), not self.running, self._gate_now)
+
+    def _running_pass_blocks(self) -> tuple[dict[Request, int], int]:
+        """What vLLM's coming running pass will take: {running request: new blocks}, and the
+        token budget it leaves to admissions.
+
+        It walks ``self.running`` in order with the step's token budget, each request taking
+        the tokens it has left to compute (a decode one, a prefill chunk the rest of its
+        prompt), as vLLM's first loop does; blocks held are counted from computed tokens. This
+        is an estimate (prefix-cache sharing, spec decode and long-prefill caps are ignored),
+        used only to size an eviction; vLLM's own allocation still decides what runs.
+        """
+        budget = self.max_num_scheduled_tokens
+        taken: dict[Request, int] = {}
+        lookahead = self.num_lookahead_tokens
+        for request in self.running:
+            if budget <= 0:
+                break
+            computed = request.num_computed_tokens
+            tokens = min(request.num_tokens_with_spec + request.num_output_placeholders - computed, budget)
+            if tokens <= 0:
+                continue
+            taken[request] = self._blocks_for(computed + tokens + lookahead) - self._blocks_for(computed)
+            budget -= tokens
+        return taken, budget
+
+    def _evict_for_waiting_head(self, now: float) -> None:
+        """The throttle's eviction rule, before vLLM schedules: when the waiting request next in
+        fair order will lack KV blocks after the running pass, preempt what
+        ``Throttle.admission_victims`` names, through vLLM's own ``_preempt_request`` (the victim
+        returns to the front of its tenant's queue, its output so far kept, and is recomputed).
+
+        It runs before ``super().schedule()`` because vLLM admits waiting requests only after
+        scheduling the running ones, and a request already scheduled in a step cannot be
+        preempted in it; vLLM then admits the head in this same step (no preemption happened
+        inside its pass). Nothing is done while vLLM would not admit anyway: requests holding
+        KV blocks are drained first, admission is paused, or the seats are full.
+        """
+        if (not self.waiting or self.kv_holding_waiting or self._pause_state != PauseState.UNPAUSED
+                or len(self.running) + self.num_waiting_for_streaming_input >= self.max_num_active_reqs):
+            return
+        head = self.waiting.peek_request()
+        identity = self._identity_of(head)
+        if self.throttle.over_allowance(identity, now):
+            return  # the rule only ever makes room for in-allowance requests
+        taken, budget_left = self._running_pass_blocks()
+        if budget_left <= 0:
+            return  # vLLM will not reach the waiting queue in this step
+        free = self.kv_cache_manager.block_pool.get_num_free_blocks() - sum(taken.values())
+        short = self._admission_blocks(head) - free
+        if short <= 0:
+            return
+        counter = self.counters.counter
+        identity_of = self._identity_of
+        candidates = (
+            RunningRequest(request, identity_of(request), counter(identity_of(request).tenant),
+                           # Preempting it frees what it holds and what it would take in this step.
+                           self._blocks_for(request.num_computed_tokens) + taken.get(request, 0),
+                           request.num_computed_tokens)
+            for request in self.running
+            if self._request_blocks_can_be_freed(request)  # a deferred free would not help now
+        )
+        victims = self.throttle.admission_victims(identity, counter(identity.tenant), short, candidates, now)
+        if not victims:
+            return
+        timestamp = time.monotonic()
+        for victim in victims:
+            self.running.remove(victim)
+            self._preempt_request(victim, timestamp, drop_stale_output=self.requires_kv_delivery)
+            # It may resume in this very step; then the model runner, which drops it on the
+            # preemption, must be sent its tokens again (as vLLM's reset_prefix_cache ensures).
+            self.prev_step_scheduled_req_ids.discard(victim.request_id)
+        logger.debug("fairserve: preempted %d over-allowance request(s) to admit request %s of tenant %r",
+                     len(victims), head.request_id, identity.tenant)
 
     def _note_prompt_positions(self, output: SchedulerOutput) -> None:
         """Record the prompt positions this step computes for the first time (see the module

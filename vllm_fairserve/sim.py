@@ -8,7 +8,9 @@ enough that a policy's effect on who is served when carries over:
   request takes one token, a prefilling one the rest of its prompt up to the budget (chunked
   prefill). Then, only if nobody was preempted in this step, waiting requests are admitted in
   the policy's order until the budget, the seats or the KV cache run out; the head that does
-  not fit stops admission (no skipping). Two policy hooks, which vLLM's own policies leave
+  not fit stops admission (no skipping). As in vLLM 0.32 (``scheduler_reserve_full_isl``), a
+  request fits when the free blocks hold its whole prompt, though it takes only its first
+  chunk's blocks now. Two policy hooks, which vLLM's own policies leave
   inert, come in here: the policy may free the head's blocks by preempting running requests
   (``make_room``), and may hold the head back although it fits (``may_join``); FairServe's
   throttle uses them to keep over-allowance traffic out of the KV headroom (``throttle.py``).
@@ -31,7 +33,7 @@ long, and the end reason is recorded.
 
 Speed. Simulating step by step costs one Python iteration per running request per step. When
 a step is pure decode (every running request computes one token), nobody can be admitted
-(nothing waits, the seats are full, or the free KV blocks cannot hold the first chunk of the
+(nothing waits, the seats are full, or the free KV blocks cannot hold the prompt of the
 FIFO head -- for a fair queue, whose head moves, of the smallest prompt in the trace; for a
 policy that may evict to admit, nothing waits at all), nothing is held and no arrival falls
 inside, the next steps are identical except for their count, and
@@ -267,15 +269,18 @@ class Engine:
             request = self.policy.peek()
             tokens = min(request.remaining, budget)
             need = self._blocks_for(tokens)
-            if need > self._free_blocks:
-                victims = self.policy.make_room(request, need - self._free_blocks, self._running)
+            # The blocks that must be free for it to join (vLLM's gate, see EngineConfig); only
+            # its first chunk's are taken now.
+            gate = self._blocks_for(request.remaining) if cfg.scheduler_reserve_full_isl else need
+            if gate > self._free_blocks:
+                victims = self.policy.make_room(request, gate - self._free_blocks, self._running)
                 if not victims:
                     break  # the head waits for memory; nobody overtakes it
                 for victim in victims:
                     budget += scheduled.pop(victim, 0)
                     self._preempt(victim)
                 continue  # the policy freed enough for the head, which is still first
-            free_after = (self._free_blocks - need) * cfg.block_size
+            free_after = (self._free_blocks - gate) * cfg.block_size
             if not self.policy.may_join(request, free_after, cfg.kv_capacity_tokens, not self._running):
                 break  # held back to keep headroom; nobody overtakes it
             self._dequeue()
@@ -346,7 +351,9 @@ class Engine:
         if running >= self.config.max_num_seqs or budget <= 0:
             return True
         smallest = self.policy.peek().remaining if self.policy.head_is_stable else self._min_prompt
-        return self._blocks_for(min(smallest, budget)) > self._free_blocks
+        if not self.config.scheduler_reserve_full_isl:
+            smallest = min(smallest, budget)  # only the first chunk must fit
+        return self._blocks_for(smallest) > self._free_blocks
 
     def _step_us(self, tokens: int) -> int:
         return self._fixed_us + round(self._per_token_us * tokens)

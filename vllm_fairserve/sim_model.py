@@ -65,6 +65,12 @@ class EngineConfig:
     step_fixed_s: float = DEFAULT_STEP_FIXED_S
     step_per_token_s: float = DEFAULT_STEP_PER_TOKEN_S
     sample_interval_s: float = DEFAULT_SAMPLE_INTERVAL_S
+    #: vLLM's admission gate (``SchedulerConfig.scheduler_reserve_full_isl``, on by default in
+    #: 0.32): a waiting request joins only if the free KV blocks hold its whole prompt (plus
+    #: any output it replays after a preemption), not just its first prefill chunk. Without it a
+    #: long prompt is admitted into a nearly full cache, its second chunk finds no blocks, and
+    #: the preemption throws its first chunk away, again and again ("KV cache thrashing").
+    scheduler_reserve_full_isl: bool = True
     fast_forward: bool = True  # False steps one by one; kept to verify that both agree
 
     def __post_init__(self) -> None:

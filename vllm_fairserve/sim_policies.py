@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from vllm_fairserve.config import FairServeConfig, load_config
-from vllm_fairserve.counters import WeightedServiceCounters
+from vllm_fairserve.counters import WeightedServiceCounters, preemption_order
 from vllm_fairserve.identity import RequestIdentity
 from vllm_fairserve.queue import FairRequestQueue
 from vllm_fairserve.sim_model import Admission, SimRequest, _identity_of
@@ -255,9 +255,9 @@ class FairServePolicy(_CounterPolicy):
       output tokens also count toward the throttle's usage window.
     - A tenant is deactivated once it has nothing waiting and nothing running, so it is lifted
       when it comes back (VTC's lift over active tenants).
-    - The victim of a preemption belongs to the running tenant with the highest counter (the
-      one furthest ahead); of its requests, the one with the least KV computed, whose
-      recomputation wastes the least work.
+    - The victim of a preemption is the last running request in ``preemption_order``
+      (counters.py), the order ``FairScheduler`` sorts vLLM's running list by: the running
+      tenant with the highest counter, of its requests the one with the least KV computed.
     - Joining the batch goes through the throttle's headroom and eviction rules
       (``Throttle.may_join_batch``, ``Throttle.admission_victims``) with the time of the step's
       start, as the scheduler adapter passes its clock.
@@ -318,7 +318,10 @@ class FairServePolicy(_CounterPolicy):
 
     def pick_victim(self, running: Mapping[SimRequest, None]) -> SimRequest:
         counter = self.counters.counter
-        return max(running, key=lambda request: (counter(request.tenant), -request.computed, request.id))
+        # The last of the shared order; ties go to the last admitted (``running`` is in admission order).
+        _, victim = max(enumerate(running),
+                        key=lambda item: (*preemption_order(counter(item[1].tenant), item[1].computed), item[0]))
+        return victim
 
 
 POLICY_NAMES = ("fcfs", "rpm", "vtc", "fairserve")

@@ -14,6 +14,7 @@ import inspect
 import json
 import logging
 import random
+import re
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -126,6 +127,7 @@ class Driver:
     first_scheduled: list[str] = field(default_factory=list)  # request ids in order of first scheduling
     preempted: list[str] = field(default_factory=list)
     scheduled: list[dict[str, int]] = field(default_factory=list)  # tokens per request, per step
+    preempted_per_step: list[set[str]] = field(default_factory=list)  # preempted_req_ids, per step
     steps: int = 0
     _in_flight: deque = field(default_factory=deque)
 
@@ -139,6 +141,7 @@ class Driver:
         if scheduler.has_requests():
             output = scheduler.schedule()
             self.preempted.extend(sorted(output.preempted_req_ids))
+            self.preempted_per_step.append(set(output.preempted_req_ids))
             self.scheduled.append(dict(output.num_scheduled_tokens))
             for request_id in output.num_scheduled_tokens:
                 if request_id not in self.first_scheduled:
@@ -236,6 +239,15 @@ def test_upstream_scheduler_is_the_one_this_adapter_was_written_against():
         "vLLM no longer picks the FCFS preemption victim as running[-1]: FairScheduler's victim order breaks"
     )
     assert "self.waiting.prepend_request(request)" in inspect.getsource(Scheduler._preempt_request)
+    assert "self.reset_preempted_req_ids.add(request.request_id)" in inspect.getsource(Scheduler._preempt_request)
+    # The fair queue's admission gate (the headroom rule) answers the one truth test vLLM makes
+    # of the waiting queue, right before it peeks at the head to admit it.
+    assert schedule.count("if not request_queue or input_budget <= draft_slots:") == 1
+    assert schedule.count("request = request_queue.peek_request()") == 1
+    assert re.search(r"(if|not|and|or|while) self\.waiting\b(?!\.)", schedule) is None
+    # The eviction pre-pass sizes admissions as vLLM's own gate does (the whole sequence).
+    assert "full_sequence_must_fit=self.scheduler_reserve_full_isl" in schedule
+    assert "self.prev_step_scheduled_req_ids.clear()" in inspect.getsource(Scheduler.reset_prefix_cache)
     assert "self._enqueue_waiting_request(request)" in inspect.getsource(Scheduler.add_request)
     assert "self._free_request(request" in inspect.getsource(Scheduler.update_from_output)
     assert "self._free_request(request" in inspect.getsource(Scheduler.finish_requests)
@@ -436,6 +448,109 @@ def test_preemption_victim_is_from_the_tenant_with_the_highest_counter(tiny_mode
     # charged once: every prompt token once, every output token once.
     service = scheduler.counters.service("a")
     assert (service.input_tokens, service.output_tokens) == (88, 16)
+
+
+# ------------------------------------------- joining the batch: headroom and eviction rules
+
+# One small application ("chat": 10 + 2 x 10 = 30 weighted tokens a minute, no slack), so a
+# 40-token prompt puts its pair over the allowance; the default application is declared small
+# too, so the headroom (the longest expected prompt) is 16 tokens. Arrivals are never held
+# (waiting-queue and KV thresholds not reached at submit): what holds requests back here is the
+# rule where a waiting request joins the running batch.
+JOIN_RULES = {
+    "applications": [
+        {"id": "chat", "expected_input_tokens": 10, "expected_system_tokens": 0, "expected_output_tokens": 10,
+         "interactions_per_minute": 1},
+        {"id": "default", "expected_input_tokens": 16, "expected_system_tokens": 0, "expected_output_tokens": 16,
+         "interactions_per_minute": 6},
+    ],
+    "throttle": {"kv_usage_threshold": 0.6, "usage_allowance": 1.0, "poisson_slack_sigmas": 0.0, "window_s": 60},
+}
+
+
+def _first_step_of(driver, request_id):
+    return next(i for i, step in enumerate(driver.scheduled) if request_id in step)
+
+
+@MODES
+@pytest.mark.parametrize("rules", ["on", "off"])
+def test_over_allowance_request_waits_for_headroom_in_allowance_one_does_not(tiny_model_dir, mode, rules):
+    # 16 usable blocks (256 tokens); the line is 0.6 of them. Four flood prompts of 40 tokens
+    # (3 blocks each) would fill 12 blocks = 0.75: the fourth one would cross the line.
+    fairserve = JOIN_RULES if rules == "on" else {**JOIN_RULES, "throttle": {"enabled": False}}
+    scheduler, driver = build_mode(tiny_model_dir, mode, fairserve=fairserve, num_blocks=17,
+                                   max_num_seqs=8, max_num_batched_tokens=256)
+    scheduler.clock = Clock()
+    flood = [make_request(f"f{i}", tenant="flood", application="chat", prompt_tokens=40, max_tokens=6)
+             for i in range(4)]
+    driver.add(*flood)
+    assert not scheduler.held_request_ids()  # nothing held at arrival: the engine was idle
+    driver.step()
+    first = driver.scheduled[0]
+    if rules == "off":
+        assert set(first) == {"f0", "f1", "f2", "f3"}  # vLLM admits whatever fits
+        driver.run()
+        return
+    assert set(first) == {"f0", "f1", "f2"}, first  # f3 would leave 0.75 of the cache used
+    assert scheduler.kv_cache_manager.block_pool.get_num_free_blocks() >= 3  # it would have fit
+    # An in-allowance request is not held back by the line, though it crosses it.
+    driver.add(make_request("calm", tenant="calm", prompt_tokens=40, max_tokens=2))
+    driver.run(until=lambda: "calm" in driver.first_scheduled)
+    assert "f3" not in driver.first_scheduled[:driver.first_scheduled.index("calm")]
+    driver.run()  # held back, never lost: the flood runs once there is room
+    assert {request_id: reason.name for request_id, (reason, _) in driver.finished.items()} == {
+        "f0": "LENGTH", "f1": "LENGTH", "f2": "LENGTH", "f3": "LENGTH", "calm": "LENGTH"}
+    assert not driver.preempted
+
+
+@MODES
+@pytest.mark.parametrize("rules", ["on", "off"])
+def test_in_allowance_request_evicts_over_allowance_ones_of_a_higher_counter(tiny_model_dir, mode, rules):
+    # The line is at 1.0 here, so the flood fills 12 of the 16 blocks; "calm" needs 5 for its
+    # 80-token prompt (vLLM admits only if the whole prompt fits), one more than are free.
+    throttle = {**JOIN_RULES["throttle"], "kv_usage_threshold": 1.0}
+    if rules == "off":
+        throttle["enabled"] = False
+    scheduler, driver = build_mode(tiny_model_dir, mode, fairserve={**JOIN_RULES, "throttle": throttle},
+                                   num_blocks=17, max_num_seqs=8, max_num_batched_tokens=256)
+    scheduler.clock = Clock()
+    driver.add(*(make_request(f"f{i}", tenant="flood", application="chat", prompt_tokens=40, max_tokens=8)
+                 for i in range(4)))
+    driver.run(until=lambda: len(driver.first_scheduled) == 4)
+    driver.step()  # the flood is decoding
+    driver.add(make_request("calm", tenant="calm", prompt_tokens=80, max_tokens=4))
+    driver.run(until=lambda: "calm" in driver.first_scheduled)
+    admitted_at = _first_step_of(driver, "calm")
+    if rules == "off":
+        assert not driver.preempted  # vLLM never preempts to admit: calm waited for the flood to end
+        assert all(step.get(f"f{i}") is None for step in driver.scheduled[admitted_at:] for i in range(4))
+    else:
+        # The flood's least-computed, last-admitted request made room, in the step calm joined.
+        assert driver.preempted_per_step[admitted_at] == {"f3"}, driver.preempted_per_step
+        victim = scheduler.requests["f3"]
+        assert victim in scheduler.waiting and victim not in scheduler.running
+    driver.run()
+    assert {request_id: reason.name for request_id, (reason, _) in driver.finished.items()} == {
+        "f0": "LENGTH", "f1": "LENGTH", "f2": "LENGTH", "f3": "LENGTH", "calm": "LENGTH"}
+    # The victim was recomputed, not charged twice, and generated each of its tokens once.
+    service = scheduler.counters.service("flood")
+    assert (service.input_tokens, service.output_tokens) == (160, 32)
+
+
+def test_eviction_never_takes_in_allowance_or_lower_counter_requests(tiny_model_dir):
+    # Same shape, but the running requests are in their allowance (default application): the
+    # waiting request waits for memory as under vLLM's own scheduler.
+    throttle = {**JOIN_RULES["throttle"], "kv_usage_threshold": 1.0}
+    scheduler, driver = build_mode(tiny_model_dir, "sync", fairserve={**JOIN_RULES, "throttle": throttle},
+                                   num_blocks=17, max_num_seqs=8, max_num_batched_tokens=256)
+    scheduler.clock = Clock()
+    driver.add(*(make_request(f"h{i}", tenant=f"honest{i}", prompt_tokens=40, max_tokens=8) for i in range(4)))
+    driver.run(until=lambda: len(driver.first_scheduled) == 4)
+    driver.step()
+    driver.add(make_request("calm", tenant="calm", prompt_tokens=80, max_tokens=4))
+    driver.run()
+    assert not driver.preempted
+    assert len(driver.finished) == 5
 
 
 # ------------------------------------------------------------------------------ throttle

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import vllm_fairserve.counters as counters_module
 from vllm_fairserve.config import load_config
-from vllm_fairserve.counters import WeightedServiceCounters
+from vllm_fairserve.counters import WeightedServiceCounters, preemption_order
 
 pytestmark = pytest.mark.unit
 
@@ -195,3 +195,10 @@ def _check_min_active(operations):
         active = counters.active_tenants()
         brute = min((counters.counter(t) for t in active), default=None)
         assert counters.min_active() == brute
+
+
+def test_preemption_order_puts_the_highest_counter_then_least_computed_last():
+    # (name, tenant counter, computed tokens) in admission order.
+    running = [("a_long", 5.0, 300), ("b", 1.0, 10), ("a_short", 5.0, 20), ("a_short_later", 5.0, 20)]
+    ordered = sorted(running, key=lambda item: preemption_order(item[1], item[2]))  # stable, as vLLM's list
+    assert [name for name, *_ in ordered] == ["b", "a_long", "a_short", "a_short_later"]

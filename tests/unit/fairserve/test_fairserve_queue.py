@@ -128,6 +128,27 @@ def test_preempted_request_goes_back_to_the_front_of_its_tenant():
     assert queue.pop_request() is preempted
 
 
+def test_admission_gate_decides_truth_for_the_head_and_len_still_counts():
+    counters, queue = make_queue()
+    assert not queue  # empty: false, and the gate is not asked
+    queue.add_request(FakeRequest("a1", "a", 1.0))
+    queue.add_request(FakeRequest("b1", "b", 2.0))
+    counters.charge_decode("a", "default", 10)  # b's head is now first
+    asked: list[str] = []
+
+    def gate(head: FakeRequest) -> bool:
+        asked.append(head.request_id)
+        return head.tenant != "b"
+
+    queue.admission_gate = gate
+    assert not queue and len(queue) == 2 and asked == ["b1"]  # the head is refused: stop admitting
+    counters.charge_decode("b", "default", 20)
+    assert queue and asked == ["b1", "a1"]
+    queue.admission_gate = None
+    counters.charge_decode("a", "default", 20)
+    assert queue and asked == ["b1", "a1"]  # unset: plain non-emptiness
+
+
 def test_adding_a_queued_request_twice_is_an_error():
     _, queue = make_queue()
     request = FakeRequest("a1", "a", 0.0)

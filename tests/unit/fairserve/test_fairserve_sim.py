@@ -324,6 +324,22 @@ def test_preemption_recomputes_and_charges_the_prompt_once():
         assert result.samples[-1].tokens_served == 8 * (40 + 30)
 
 
+@pytest.mark.parametrize("reserve_full_isl", [True, False])
+def test_a_long_prompt_joins_only_when_all_of_it_fits(reserve_full_isl):
+    """vLLM 0.32's admission gate (scheduler_reserve_full_isl): a 100-token prompt (25 blocks)
+    next to a running request holding 12 blocks waits for the whole prompt's room instead of
+    starting its first 64-token chunk (16 blocks) and being preempted for its second."""
+    workload = workload_of({"a": [(0.0, 40, 10)], "b": [(0.01, 100, 4)]})
+    config = replace(SMALL, max_num_seqs=2, scheduler_reserve_full_isl=reserve_full_isl, fast_forward=False)
+    result = simulate(workload, "fcfs", config)
+    a, b = result.requests
+    assert [r.end_reason for r in result.requests] == [EndReason.FINISHED, EndReason.FINISHED]
+    if reserve_full_isl:
+        assert b.preemptions == 0 and b.first_token_time > a.end_time - 1e-9
+    else:
+        assert b.preemptions > 0  # the thrashing the gate prevents
+
+
 @pytest.mark.parametrize(("policy_type", "after_first_step"), [(VtcPolicy, 100.0), (FairServePolicy, 64.0)])
 def test_vtc_charges_the_prompt_at_admission_and_fairserve_as_computed(policy_type, after_first_step):
     """VTC (as its artifact) charges a request's whole prompt when it joins the batch; FairServe
