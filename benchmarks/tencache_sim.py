@@ -65,6 +65,11 @@ CALIBRATION_CONFIG = tencache_train.BASE_CONFIG
 OVERHEAD_TOKENS = 2
 # Timed passes of each component measurement and the warm-up passes dropped before them.
 OVERHEAD_STEPS, OVERHEAD_WARMUP = 20, 3
+# A second overhead measurement fetches every parameter at every use (nothing kept live, no
+# prefetch): set beside the default config's, it gives the host cost of one fetch. The
+# calibrated runs' budgets sit between the two configurations, so neither is the one compared.
+REFETCH_ZERO_SETTINGS = {"stage3_max_live_parameters": 0, "stage3_max_reuse_distance": 0,
+                         "stage3_prefetch_bucket_size": 0}
 
 
 def project(name: str, hardware) -> dict:
@@ -131,7 +136,7 @@ def calibrate(pairs: int) -> dict:
             "measured_step_s": measured, "simulated_step_s": simulated, "relative_error": error,
             "measured_pairs": pairs, "device_budget_bytes": budget,
             "simulated_parts_s": {side: {"forward_backward": r.forward_backward_s,
-                                         "optimizer": r.optimizer_s}
+                                         "optimizer": r.optimizer_s, "fetches": r.fetches}
                                   for side, r in (("stock", stock), ("tencache", tencache))},
             "host": asdict(host), "components": {"measured": components, **derived}}
 
@@ -143,27 +148,45 @@ def calibration_host(components: list[dict], flops_per_step: float,
     - links: a memcpy (``measure_host``): with no accelerator every link is host memory;
     - compute: the model's forward + backward in plain PyTorch at the calibration shape (its
       non-GEMM ops are a large share at this size, so a pure GEMM rate would overstate it);
-    - ZeRO-3's own cost, from a real ZeRO-3 engine on the same model fed ``OVERHEAD_TOKENS``
-      tokens, where compute is next to nothing: its forward + backward minus plain PyTorch's at
-      that shape, minus the transfers the simulator models itself, spread over the fetch groups
-      (``group_overhead_s``: hooks, gathers, gradient reduction and partitioning -- work that
-      does not grow with tokens); and its optimizer step (DeepSpeed's CPU Adam with the
-      engine's norm and copies) as the optimizer rate.
+    - ZeRO-3's own cost, from real stock engines on the same model fed ``OVERHEAD_TOKENS``
+      tokens, where compute is next to nothing, so what remains after plain PyTorch's time and
+      the transfers the simulator models itself is ZeRO-3's work that does not grow with tokens
+      (hooks, gather bookkeeping, gradient reduction and partitioning). Two configurations that
+      fetch different numbers of parameters (DeepSpeed's defaults; every use fetched) split it
+      into a cost per fetch (``fetch_overhead_s``) and a cost per fetch group
+      (``group_overhead_s``); the default engine's optimizer step (DeepSpeed's CPU Adam with the
+      engine's norm and copies) gives the optimizer rate.
     """
     median = {key: statistics.median(c[key] for c in components) for key in components[0]}
     host = measure_host(gpu_mem_bytes=2**40, pinned_cpu_bytes=2**40, group_overhead_s=0.0)
     host = replace(host, peak_flops=flops_per_step / median["plain_forward_backward_s"])
     zero_flops = Trace(tokenless.groups, tokenless.backward, [0.0] * len(tokenless.flops),
                        tokenless.numel, tokenless.nbytes)
-    default = StockSettings.from_ds_config(json.loads(CALIBRATION_CONFIG.read_text()))
-    transfers_s = simulate_stock(zero_flops, host, default).forward_backward_s
-    zero3_own_s = (median["zero3_tokenless_forward_backward_s"]
-                   - median["plain_tokenless_forward_backward_s"] - transfers_s)
+    default_config = json.loads(CALIBRATION_CONFIG.read_text())
+    modelled = {name: simulate_stock(zero_flops, host, StockSettings.from_ds_config(config))
+                for name, config in (("default", default_config),
+                                     ("refetch", _refetch_config(default_config)))}
+    measured = {"default": median["zero3_tokenless_forward_backward_s"],
+                "refetch": median["zero3_refetch_tokenless_forward_backward_s"]}
+    # What the simulator does not model already: measured minus the modelled transfers.
+    unmodelled = {name: measured[name] - modelled[name].forward_backward_s for name in measured}
+    per_fetch = max(0.0, (unmodelled["refetch"] - unmodelled["default"])
+                    / (modelled["refetch"].fetches - modelled["default"].fetches))
+    per_group = max(0.0, unmodelled["default"] - median["plain_tokenless_forward_backward_s"]
+                    - per_fetch * modelled["default"].fetches) / len(tokenless.groups)
     params = sum(tokenless.numel.values())
-    host = replace(host, group_overhead_s=max(0.0, zero3_own_s) / len(tokenless.groups),
+    host = replace(host, group_overhead_s=per_group, fetch_overhead_s=per_fetch,
                    cpu_adam_params_per_s=params / median["zero3_step_s"])
-    return host, {"median": median, "modelled_transfers_s": transfers_s,
-                  "fetch_groups": len(tokenless.groups)}
+    return host, {"median": median, "fetch_groups": len(tokenless.groups),
+                  "modelled": {name: {"transfers_s": r.forward_backward_s, "fetches": r.fetches}
+                               for name, r in modelled.items()}}
+
+
+def _refetch_config(config: dict) -> dict:
+    """``config`` with :data:`REFETCH_ZERO_SETTINGS`: every parameter fetched at every use."""
+    config = json.loads(json.dumps(config))
+    config["zero_optimization"].update(REFETCH_ZERO_SETTINGS)
+    return config
 
 
 def measure_training(pairs: int) -> tuple[dict[str, list[dict]], list[dict]]:
@@ -177,7 +200,7 @@ def measure_training(pairs: int) -> tuple[dict[str, list[dict]], list[dict]]:
     runs: dict[str, list[dict]] = {side: [] for side in tencache_train.SIDES}
     components = []
     for _ in tqdm(range(pairs), desc="calibration pairs", unit="pair"):
-        components.append(_run_zero3_worker())
+        components.append({**_run_zero3_worker(refetch=False), **_run_zero3_worker(refetch=True)})
         for side in tencache_train.SIDES:
             runs[side].append(tencache_train.spawn("cpu", side, CALIBRATION_SIZE, CALIBRATION_STEPS,
                                                    scratch))
@@ -201,22 +224,23 @@ def _plain_step_s(model_dir: Path, batch: int, seq_len: int) -> float:
     return statistics.median(times[OVERHEAD_WARMUP:])
 
 
-def _run_zero3_worker() -> dict:
+def _run_zero3_worker(refetch: bool) -> dict:
     """:func:`zero3_worker` in its own process: DeepSpeed's process group stays out of this one."""
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "zero3.json"
-        done = subprocess.run([sys.executable, __file__, "--zero3-worker", str(out)],
-                              capture_output=True, text=True)
+        done = subprocess.run([sys.executable, __file__, "--zero3-worker", str(out)]
+                              + (["--refetch"] if refetch else []), capture_output=True, text=True)
         if done.returncode != 0:
             sys.stderr.write(done.stdout[-4000:] + done.stderr[-4000:])
             raise SystemExit(f"ZeRO-3 overhead worker failed (exit {done.returncode}); output above")
         return json.loads(out.read_text())
 
 
-def zero3_worker(out: Path) -> None:
-    """The component timings: plain PyTorch at the calibration shape and at ``OVERHEAD_TOKENS``
-    tokens, and a stock ZeRO-3 engine (the calibration config, DeepSpeed's defaults otherwise)
-    at ``OVERHEAD_TOKENS`` tokens: forward + backward, and the optimizer step."""
+def zero3_worker(out: Path, refetch: bool) -> None:
+    """The component timings of one process. A stock ZeRO-3 engine (the calibration config,
+    DeepSpeed's defaults otherwise, or with :data:`REFETCH_ZERO_SETTINGS`) at
+    ``OVERHEAD_TOKENS`` tokens: forward + backward; with the default config also its optimizer
+    step and plain PyTorch at the calibration shape and at ``OVERHEAD_TOKENS`` tokens."""
     from tiny_llama.environment import apply_runtime_defaults
 
     apply_runtime_defaults()
@@ -229,14 +253,16 @@ def zero3_worker(out: Path) -> None:
     from tiny_llama import ensure_model
 
     model_dir = ensure_model(CALIBRATION_SIZE)
-    plain_s = _plain_step_s(model_dir, CALIBRATION_BATCH, CALIBRATION_SEQ)
-    plain_tokenless_s = _plain_step_s(model_dir, 1, OVERHEAD_TOKENS)
+    figures = {} if refetch else {
+        "plain_forward_backward_s": _plain_step_s(model_dir, CALIBRATION_BATCH, CALIBRATION_SEQ),
+        "plain_tokenless_forward_backward_s": _plain_step_s(model_dir, 1, OVERHEAD_TOKENS)}
+    config = json.loads(CALIBRATION_CONFIG.read_text())
     ensure_single_process_env()
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                      config=json.loads(CALIBRATION_CONFIG.read_text()))
+                                      config=_refetch_config(config) if refetch else config)
     ids = torch.randint(0, model.config.vocab_size, (1, OVERHEAD_TOKENS))
     forward_backward, step = [], []
     for _ in range(OVERHEAD_WARMUP + OVERHEAD_STEPS):
@@ -247,10 +273,13 @@ def zero3_worker(out: Path) -> None:
         forward_backward.append(middle - start)
         step.append(time.perf_counter() - middle)
     engine.destroy()
-    out.write_text(json.dumps({
-        "plain_forward_backward_s": plain_s, "plain_tokenless_forward_backward_s": plain_tokenless_s,
-        "zero3_tokenless_forward_backward_s": statistics.median(forward_backward[OVERHEAD_WARMUP:]),
-        "zero3_step_s": statistics.median(step[OVERHEAD_WARMUP:])}))
+    if refetch:
+        figures["zero3_refetch_tokenless_forward_backward_s"] = statistics.median(
+            forward_backward[OVERHEAD_WARMUP:])
+    else:
+        figures["zero3_tokenless_forward_backward_s"] = statistics.median(forward_backward[OVERHEAD_WARMUP:])
+        figures["zero3_step_s"] = statistics.median(step[OVERHEAD_WARMUP:])
+    out.write_text(json.dumps(figures))
 
 
 def plot(result: dict, path: Path) -> None:
@@ -293,9 +322,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pairs", type=int, default=CALIBRATION_PAIRS,
                         help="stock/tencache training-run pairs measured for the calibration")
     parser.add_argument("--zero3-worker", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--refetch", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.zero3_worker:
-        zero3_worker(args.zero3_worker)
+        zero3_worker(args.zero3_worker, args.refetch)
         return 0
     from tqdm import tqdm
 
@@ -338,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
           f"tencache {c['measured_step_s']['tencache'] * 1e3:.1f} ms; simulated stock "
           f"{c['simulated_step_s']['stock'] * 1e3:.1f} ms, tencache "
           f"{c['simulated_step_s']['tencache'] * 1e3:.1f} ms; relative error {c['relative_error']:.3f} "
-          f"(ZeRO-3's measured cost per fetch group {c['host']['group_overhead_s'] * 1e3:.2f} ms)")
+          f"(ZeRO-3's measured host cost: {c['host']['group_overhead_s'] * 1e3:.2f} ms per fetch group, "
+          f"{c['host']['fetch_overhead_s'] * 1e3:.2f} ms per fetch)")
     print(f"wrote {args.out} and {args.out.with_suffix('.png')} in {time.perf_counter() - started:.1f} s")
     return 0
 

@@ -57,6 +57,10 @@ class HardwareModel:
     pinned_cpu_bytes: int  # host memory the CPU tier (pinned pool + cached states) may fill
     cpu_adam_params_per_s: float
     group_overhead_s: float  # fixed cost per fetch group (hooks, launches)
+    # Host time to issue one parameter fetch (ZeRO-3's gather bookkeeping): the host issues
+    # fetches before it runs the group, so this delays the group. Measured for this machine in
+    # the calibration; on a GPU host the per-group figure already stands for the hooks' work.
+    fetch_overhead_s: float = 0.0
 
     @property
     def flops_per_s(self) -> float:

@@ -4,7 +4,8 @@ A training step is the profile's fetch groups in order (forward then backward), 
 for ``hardware.compute_s(flops[g])``, followed by the optimizer step. Transfers run on serial
 channels, one per link: NVMe read, host-to-device (H2D), device-to-host (D2H); a parameter
 kept on NVMe is read into a pinned buffer, then copied to the device. The GPU waits only for the
-parameters of the group it is about to run. Everything is deterministic, O(uses), pure Python.
+parameters of the group it is about to run. The host issues every fetch itself, at
+``hardware.fetch_overhead_s`` of host time each, before the group it belongs to runs. Everything is deterministic, O(uses), pure Python.
 
 **Stock ZeRO-Infinity** (:func:`simulate_stock`) follows DeepSpeed 0.19.8's
 ``runtime/zero/partitioned_param_coordinator.py`` with the settings of a real DeepSpeed config
@@ -155,6 +156,7 @@ class PolicyResult:
     cpu_mem_util: float = 0.0  # peak pinned bytes in use / pinned memory of the host
     forward_backward_s: float = 0.0
     optimizer_s: float = 0.0
+    fetches: int = 0  # parameter fetches to the device per step (demand and prefetch)
 
 
 @dataclass
@@ -211,12 +213,15 @@ def simulate_stock(trace: Trace, hardware: HardwareModel, settings: StockSetting
     fetched_for: dict[int, int] = {}  # __most_recent_step_id_param_fetched_for
     available = 0  # __n_available_params, elements
     peak_device = 0
-    hits = total_uses = 0
+    hits = total_uses = fetches = 0
     now = 0.0
     cursor = 0  # head of __param_queue
 
-    def fetch(param: int, at: float) -> None:
-        nonlocal available, peak_device
+    def fetch(param: int, at: float) -> float:
+        """Issue one fetch once the host is free at ``at``; returns when the host is free again."""
+        nonlocal available, peak_device, fetches
+        at += hardware.fetch_overhead_s
+        fetches += 1
         source_ready = at
         if param in on_nvme:
             if param not in swapped_in:
@@ -225,18 +230,20 @@ def simulate_stock(trace: Trace, hardware: HardwareModel, settings: StockSetting
         on_device[param] = channels.h2d(nbytes[param], source_ready)
         available += numel[param]
         peak_device = max(peak_device, available)
+        return at
 
     for g, group in enumerate(groups):
         start = now
         total_uses += len(group)
         hits += sum(1 for p in group if p in on_device and on_device[p] <= start)
+        host = start
         for param in group:  # __all_gather_params of the group's missing parameters
             if param not in on_device:
-                fetch(param, start)
+                host = fetch(param, host)
         # Block until the group's parameters are there. __max_ongoing_fetch_events (2) only makes
         # the host wait for fetches issued before these on the same serial stream, which are done
         # by then, so the cap adds no delay on one device and is not modelled further.
-        now = max([now, *(on_device[p] for p in group)])
+        now = max([host, *(on_device[p] for p in group)])
         # Pop the group's own entries off the queue (they were fetched for this use).
         cursor = max(cursor, group_end[g])
         for param in group:
@@ -255,7 +262,7 @@ def simulate_stock(trace: Trace, hardware: HardwareModel, settings: StockSetting
                     prefetching += numel[param]
                 cursor += 1
             for param in chosen:
-                fetch(param, now)
+                now = fetch(param, now)
             if on_nvme:
                 _prefetch_nvme(uses, cursor, on_nvme, on_device, swapped_in, numel, nbytes,
                                settings.buffer_count, channels, now)
@@ -282,7 +289,7 @@ def simulate_stock(trace: Trace, hardware: HardwareModel, settings: StockSetting
         bytes_moved=channels.moved,
         gpu_mem_util=device_peak / hardware.gpu_mem_bytes,
         cpu_mem_util=_share(_stock_pinned_bytes(trace, settings), hardware.pinned_cpu_bytes),
-        forward_backward_s=forward_backward, optimizer_s=optimizer_s)
+        forward_backward_s=forward_backward, optimizer_s=optimizer_s, fetches=fetches)
 
 
 def _prefetch_nvme(uses, cursor, on_nvme, on_device, swapped_in, numel, nbytes, buffer_count,
@@ -442,13 +449,14 @@ def simulate_tencache(trace: Trace, hardware: HardwareModel, settings: StockSett
     late = 0
     now = 0.0
     for g in range(len(groups)):
-        start = now
+        start = host = now
         for f in plan.issue_at.get(g, []):  # the plan's prefetches (and demand fetches) here
-            source_ready = channels.nvme_read(f.nbytes, start) if f.param_id in on_nvme else start
+            host += hardware.fetch_overhead_s  # the host issues each fetch before the group runs
+            source_ready = channels.nvme_read(f.nbytes, host) if f.param_id in on_nvme else host
             ready[issue_order[id(f)]] = channels.h2d(f.nbytes, source_ready)
         needed = [ready[i] for i in by_group.get(g, [])]
         late += sum(1 for t in needed if t > start)
-        now = max([start, *needed])
+        now = max([host, *needed])
         now += compute[g]
         if trace.backward[g]:
             for param in groups[g]:
@@ -466,7 +474,7 @@ def simulate_tencache(trace: Trace, hardware: HardwareModel, settings: StockSett
         bytes_moved=channels.moved,
         gpu_mem_util=device_peak / hardware.gpu_mem_bytes,
         cpu_mem_util=_share(tier.requested_bytes, hardware.pinned_cpu_bytes),
-        forward_backward_s=forward_backward, optimizer_s=optimizer_s)
+        forward_backward_s=forward_backward, optimizer_s=optimizer_s, fetches=len(plan.fetches))
 
 
 def _tencache_optimizer(trace: Trace, hardware: HardwareModel, tier: CpuTier,

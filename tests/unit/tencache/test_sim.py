@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -95,6 +96,22 @@ def test_stock_optimizer_on_nvme_by_hand_serial_and_pipelined():
     assert serial.bytes_moved["nvme_to_cpu"] == serial.bytes_moved["cpu_to_nvme"] == 320
 
 
+def test_fetch_issue_cost_by_hand():
+    # 1 s of host time per fetch, the transfer starting once issued. Stock, as in
+    # test_stock_by_hand_with_prefetch: g0 issues A 0->1 (A copies 1->11), waits to 11, issues the
+    # prefetch of B 11->12 (B copies 12->22), computes 12->22; g1 starts at 22 with B there (hit),
+    # ->32; g2 ->42; g3 ->52; + Adam 4 = 56 s, 2 fetches.
+    # TenCache, budget 20: g0 issues A 0->1 and B 1->2 (copies 1->11, 11->21), waits for A to 11,
+    # computes ->21; g1 B ready at 21 (hit) ->31; ->41; ->51; + 4 = 55 s.
+    machine = replace(UNIT_MACHINE, fetch_overhead_s=1.0)
+    stock = simulate_stock(HAND_TRACE, machine, unit_settings())
+    tencache = simulate_tencache(HAND_TRACE, machine, unit_settings(), budget_bytes=20)
+    assert stock.step_time_s == pytest.approx(56.0 + GRADIENT_S, abs=1e-9)
+    assert (stock.fetches, stock.hit_rate) == (2, 0.75)
+    assert tencache.step_time_s == pytest.approx(55.0 + GRADIENT_S, abs=1e-9)
+    assert tencache.fetches == 2
+
+
 def test_lower_bound_by_hand():
     # max(compute 40 + Adam 4, 20 B / 1 B/s to the device, gradients ~0) = 44 s.
     assert lower_bound(HAND_TRACE, UNIT_MACHINE, unit_settings()) == pytest.approx(44.0)
@@ -123,7 +140,8 @@ def scenarios(draw):
     hardware = HardwareModel("random", draw(st.floats(1e12, 1e15)), draw(st.floats(0.1, 1.0)),
                              10**12, draw(rate), draw(rate), draw(rate), draw(rate),
                              draw(st.integers(0, 2 * sum(nbytes.values()) * 9)),
-                             draw(st.floats(1e6, 1e10)), draw(st.floats(0, 1e-3)))
+                             draw(st.floats(1e6, 1e10)), draw(st.floats(0, 1e-3)),
+                             draw(st.floats(0, 1e-3)))
     zero = {"stage3_param_persistence_threshold": draw(st.sampled_from([0, 10**5])),
             "stage3_prefetch_bucket_size": draw(st.integers(0, 10**7)),
             "stage3_max_live_parameters": draw(st.integers(0, 10**7)),
