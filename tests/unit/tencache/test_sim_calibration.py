@@ -1,0 +1,65 @@
+"""benchmarks/tencache_sim.py's calibration host: ZeRO-3's measured cost split per group and per fetch."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from ds_tencache.hardware import HardwareModel
+from ds_tencache.sim import Trace
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).resolve().parents[3]
+# Links so fast that the modelled transfers vanish (20 bytes at 1e15 B/s), so the split below
+# is checked against round numbers; compute and Adam rates are overwritten by the calibration.
+INSTANT_LINKS = HardwareModel(name="fast", peak_flops=1.0, flop_fraction=1.0, gpu_mem_bytes=2**40,
+                              h2d_bytes_per_s=1e15, d2h_bytes_per_s=1e15, nvme_read_bytes_per_s=1e15,
+                              nvme_write_bytes_per_s=1e15, pinned_cpu_bytes=2**40,
+                              cpu_adam_params_per_s=1.0, group_overhead_s=0.0)
+# Parameters A (0) and B (1) of 10 elements each, 1 byte per element: forward A, B; backward B, A.
+TOKENLESS = Trace(groups=[(0,), (1,), (1,), (0,)], backward=[False, False, True, True],
+                  flops=[1.0] * 4, numel={0: 10, 1: 10}, nbytes={0: 10, 1: 10})
+
+
+@pytest.fixture(scope="module")
+def sim_bench():
+    spec = importlib.util.spec_from_file_location("tencache_sim", ROOT / "benchmarks" / "tencache_sim.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["tencache_sim"] = module
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules["tencache_sim"]
+
+
+def test_zero3_cost_splits_into_per_group_and_per_fetch(sim_bench, monkeypatch):
+    monkeypatch.setattr(sim_bench, "measure_host", lambda **_: INSTANT_LINKS)
+    # DeepSpeed's defaults keep A and B live from forward to backward: 2 fetches per step; the
+    # refetch config fetches at all 4 uses. With 2 ms per group and 1 ms per fetch on top of
+    # plain PyTorch's 10 ms: default 10 + 4 x 2 + 2 x 1 = 20 ms, refetch 10 + 8 + 4 = 22 ms.
+    # Two measurement rounds, the median taken per key.
+    rounds = [{"plain_forward_backward_s": 0.5, "plain_tokenless_forward_backward_s": 0.010,
+               "zero3_tokenless_forward_backward_s": 0.020, "zero3_step_s": 0.004,
+               "zero3_refetch_tokenless_forward_backward_s": 0.022}] * 2
+    host, derived = sim_bench.calibration_host(rounds, flops_per_step=100.0, tokenless=TOKENLESS)
+    assert derived["modelled"]["default"]["fetches"] == 2
+    assert derived["modelled"]["refetch"]["fetches"] == 4
+    assert host.fetch_overhead_s == pytest.approx(1e-3, rel=1e-9)
+    assert host.group_overhead_s == pytest.approx(2e-3, rel=1e-9)
+    assert host.cpu_adam_params_per_s == pytest.approx(20 / 0.004)  # 20 parameters per step
+    assert host.flops_per_s == pytest.approx(100.0 / 0.5)
+
+
+def test_noise_never_yields_a_negative_cost(sim_bench, monkeypatch):
+    # On a loaded machine the refetch engine can come out faster than the default one: the
+    # per-fetch cost is then 0, not negative (a negative cost would speed the simulation up).
+    monkeypatch.setattr(sim_bench, "measure_host", lambda **_: INSTANT_LINKS)
+    rounds = [{"plain_forward_backward_s": 0.5, "plain_tokenless_forward_backward_s": 0.010,
+               "zero3_tokenless_forward_backward_s": 0.020, "zero3_step_s": 0.004,
+               "zero3_refetch_tokenless_forward_backward_s": 0.015}]
+    host, _ = sim_bench.calibration_host(rounds, flops_per_step=100.0, tokenless=TOKENLESS)
+    assert host.fetch_overhead_s == 0.0
+    assert host.group_overhead_s == pytest.approx(2.5e-3, rel=1e-9)  # (20 - 10) ms over 4 groups
