@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import tencache_train  # noqa: E402
-from ds_tencache.hardware import A100_40GB, PRESETS, HardwareModel, measure_host  # noqa: E402
+from ds_tencache.hardware import (A100_40GB, PRESETS, HardwareModel, cpu_host,  # noqa: E402
+                                  measure_memcpy_bytes_per_s)
 from ds_tencache.model_profiles import MODEL_CONFIGS, load_or_profile  # noqa: E402
 from ds_tencache.sim import (StockSettings, Trace, lower_bound, simulate_stock,  # noqa: E402
                              simulate_tencache)
@@ -145,7 +146,7 @@ def calibration_host(components: list[dict], flops_per_step: float,
                      tokenless: Trace) -> tuple[HardwareModel, dict]:
     """This machine as the simulator sees it, from the medians of the measurements:
 
-    - links: a memcpy (``measure_host``): with no accelerator every link is host memory;
+    - links: a memcpy (``measure_memcpy_bytes_per_s``): with no accelerator every link is host memory;
     - compute: the model's forward + backward in plain PyTorch at the calibration shape (its
       non-GEMM ops are a large share at this size, so a pure GEMM rate would overstate it);
     - ZeRO-3's own cost, from real stock engines on the same model fed ``OVERHEAD_TOKENS``
@@ -158,8 +159,9 @@ def calibration_host(components: list[dict], flops_per_step: float,
       engine's norm and copies) gives the optimizer rate.
     """
     median = {key: statistics.median(c[key] for c in components) for key in components[0]}
-    host = measure_host(gpu_mem_bytes=2**40, pinned_cpu_bytes=2**40, group_overhead_s=0.0)
-    host = replace(host, peak_flops=flops_per_step / median["plain_forward_backward_s"])
+    params = sum(tokenless.numel.values())
+    host = cpu_host(measure_memcpy_bytes_per_s(), flops_per_step / median["plain_forward_backward_s"],
+                    cpu_adam_params_per_s=params / median["zero3_step_s"])
     zero_flops = Trace(tokenless.groups, tokenless.backward, [0.0] * len(tokenless.flops),
                        tokenless.numel, tokenless.nbytes)
     default_config = json.loads(CALIBRATION_CONFIG.read_text())
@@ -174,9 +176,7 @@ def calibration_host(components: list[dict], flops_per_step: float,
                     / (modelled["refetch"].fetches - modelled["default"].fetches))
     per_group = max(0.0, unmodelled["default"] - median["plain_tokenless_forward_backward_s"]
                     - per_fetch * modelled["default"].fetches) / len(tokenless.groups)
-    params = sum(tokenless.numel.values())
-    host = replace(host, group_overhead_s=per_group, fetch_overhead_s=per_fetch,
-                   cpu_adam_params_per_s=params / median["zero3_step_s"])
+    host = replace(host, group_overhead_s=per_group, fetch_overhead_s=per_fetch)
     return host, {"median": median, "fetch_groups": len(tokenless.groups),
                   "modelled": {name: {"transfers_s": r.forward_backward_s, "fetches": r.fetches}
                                for name, r in modelled.items()}}

@@ -3,8 +3,9 @@
 Every number of a preset is either a vendor datasheet figure (cited beside it) or a stated
 assumption. Link and compute rates are peak figures times a named achievable fraction, because no
 real transfer or GEMM reaches the datasheet peak and the simulator should not pretend one does.
-:func:`measure_host` builds the same model for the machine this runs on (no GPU: "device" is
-the CPU itself), which is what the calibration against the real CPU benchmark uses.
+:func:`cpu_host` builds the same model for the machine this runs on (no GPU: "device" is the
+CPU itself) from rates measured there, which is what the calibration against the real CPU
+benchmark uses.
 """
 
 from __future__ import annotations
@@ -105,42 +106,40 @@ H100 = _datasheet_preset("H100-80GB (PCIe 5)", 989, 80 * GiB, PCIE5_X16_GBPS, 13
 
 PRESETS: dict[str, HardwareModel] = {"a100-40gb": A100_40GB, "l40s": L40S, "h100": H100}
 
-# Sizes of the host measurements: big enough to leave the caches and amortise call overhead,
-# small enough that measuring takes a few seconds on 2 cores.
+# Size of the memcpy measurement: big enough to leave the caches and amortise call overhead,
+# small enough that measuring takes a second on 2 cores.
 MEASURE_COPY_BYTES = 64 * 2**20
-MEASURE_MATMUL_DIM = 512  # the tiny models' hidden size: the GEMM shapes the calibration runs
 MEASURE_REPEATS = 5
+# Device and pinned memory of a CPU-only host as the simulator sees it: the "device" is host
+# memory, so neither limit binds (the calibrated runs' own budget is what differs).
+UNBOUNDED_BYTES = 2**40
 
 
-def measure_host(gpu_mem_bytes: int, pinned_cpu_bytes: int, group_overhead_s: float) -> HardwareModel:
-    """A hardware model of this CPU-only machine, measured with torch in a few seconds.
+def measure_memcpy_bytes_per_s() -> float:
+    """This machine's host memory copy rate, measured with torch.
 
     With no accelerator, DeepSpeed's "device" is host memory, so every link (H2D, D2H and, for
-    lack of a separate disk measurement, NVMe) is a memcpy; the FLOP rate is that of fp32 GEMMs of
-    the calibration model's size. ``group_overhead_s`` (ZeRO-3's Python work per sub-module) is
-    passed in: it is a property of the training run, not of the hardware.
+    lack of a separate disk measurement, NVMe) is a memcpy.
     """
     import torch
 
     source = torch.empty(MEASURE_COPY_BYTES, dtype=torch.uint8)
     target = torch.empty_like(source)
-    copy_s = _best_of(lambda: target.copy_(source))
-    a = torch.randn(MEASURE_MATMUL_DIM * 4, MEASURE_MATMUL_DIM)
-    b = torch.randn(MEASURE_MATMUL_DIM, MEASURE_MATMUL_DIM * 4)
-    matmul_s = _best_of(lambda: a @ b)
-    memcpy = MEASURE_COPY_BYTES / copy_s
-    flops = 2.0 * a.shape[0] * a.shape[1] * b.shape[1] / matmul_s
-    adam_params = 2**22
-    params = [torch.zeros(adam_params, requires_grad=True)]
-    params[0].grad = torch.ones(adam_params)
-    optimizer = torch.optim.AdamW(params, lr=1e-3)
-    adam_s = _best_of(optimizer.step)
+    return MEASURE_COPY_BYTES / _best_of(lambda: target.copy_(source))
+
+
+def cpu_host(memcpy_bytes_per_s: float, flops_per_s: float, cpu_adam_params_per_s: float,
+             group_overhead_s: float = 0.0, fetch_overhead_s: float = 0.0) -> HardwareModel:
+    """This CPU-only machine as a hardware model: every link at the memcpy rate, and the rates
+    the caller measured on the workload itself (compute, optimizer step, ZeRO-3's host costs),
+    since those depend on the model and the engine, not on the hardware alone."""
     return HardwareModel(
-        name=f"this host ({torch.get_num_threads()} threads, measured)", peak_flops=flops,
-        flop_fraction=1.0, gpu_mem_bytes=gpu_mem_bytes, h2d_bytes_per_s=memcpy,
-        d2h_bytes_per_s=memcpy, nvme_read_bytes_per_s=memcpy, nvme_write_bytes_per_s=memcpy,
-        pinned_cpu_bytes=pinned_cpu_bytes, cpu_adam_params_per_s=adam_params / adam_s,
-        group_overhead_s=group_overhead_s)
+        name="this host (measured)", peak_flops=flops_per_s, flop_fraction=1.0,
+        gpu_mem_bytes=UNBOUNDED_BYTES, h2d_bytes_per_s=memcpy_bytes_per_s,
+        d2h_bytes_per_s=memcpy_bytes_per_s, nvme_read_bytes_per_s=memcpy_bytes_per_s,
+        nvme_write_bytes_per_s=memcpy_bytes_per_s, pinned_cpu_bytes=UNBOUNDED_BYTES,
+        cpu_adam_params_per_s=cpu_adam_params_per_s, group_overhead_s=group_overhead_s,
+        fetch_overhead_s=fetch_overhead_s)
 
 
 def _best_of(run) -> float:

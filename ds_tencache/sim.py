@@ -5,7 +5,8 @@ for ``hardware.compute_s(flops[g])``, followed by the optimizer step. Transfers 
 channels, one per link: NVMe read, host-to-device (H2D), device-to-host (D2H); a parameter
 kept on NVMe is read into a pinned buffer, then copied to the device. The GPU waits only for the
 parameters of the group it is about to run. The host issues every fetch itself, at
-``hardware.fetch_overhead_s`` of host time each, before the group it belongs to runs. Everything is deterministic, O(uses), pure Python.
+``hardware.fetch_overhead_s`` of host time each, before the group it belongs to runs.
+Everything is deterministic, O(uses), pure Python.
 
 **Stock ZeRO-Infinity** (:func:`simulate_stock`) follows DeepSpeed 0.19.8's
 ``runtime/zero/partitioned_param_coordinator.py`` with the settings of a real DeepSpeed config

@@ -8,18 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from ds_tencache.hardware import HardwareModel
 from ds_tencache.sim import Trace
 
 pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[3]
-# Links so fast that the modelled transfers vanish (20 bytes at 1e15 B/s), so the split below
-# is checked against round numbers; compute and Adam rates are overwritten by the calibration.
-INSTANT_LINKS = HardwareModel(name="fast", peak_flops=1.0, flop_fraction=1.0, gpu_mem_bytes=2**40,
-                              h2d_bytes_per_s=1e15, d2h_bytes_per_s=1e15, nvme_read_bytes_per_s=1e15,
-                              nvme_write_bytes_per_s=1e15, pinned_cpu_bytes=2**40,
-                              cpu_adam_params_per_s=1.0, group_overhead_s=0.0)
+# A memcpy so fast that the modelled transfers vanish (20 bytes at 1e15 B/s), so the split
+# below is checked against round numbers.
+INSTANT_MEMCPY_BYTES_PER_S = 1e15
 # Parameters A (0) and B (1) of 10 elements each, 1 byte per element: forward A, B; backward B, A.
 TOKENLESS = Trace(groups=[(0,), (1,), (1,), (0,)], backward=[False, False, True, True],
                   flops=[1.0] * 4, numel={0: 10, 1: 10}, nbytes={0: 10, 1: 10})
@@ -36,7 +32,7 @@ def sim_bench():
 
 
 def test_zero3_cost_splits_into_per_group_and_per_fetch(sim_bench, monkeypatch):
-    monkeypatch.setattr(sim_bench, "measure_host", lambda **_: INSTANT_LINKS)
+    monkeypatch.setattr(sim_bench, "measure_memcpy_bytes_per_s", lambda: INSTANT_MEMCPY_BYTES_PER_S)
     # DeepSpeed's defaults keep A and B live from forward to backward: 2 fetches per step; the
     # refetch config fetches at all 4 uses. With 2 ms per group and 1 ms per fetch on top of
     # plain PyTorch's 10 ms: default 10 + 4 x 2 + 2 x 1 = 20 ms, refetch 10 + 8 + 4 = 22 ms.
@@ -56,7 +52,7 @@ def test_zero3_cost_splits_into_per_group_and_per_fetch(sim_bench, monkeypatch):
 def test_noise_never_yields_a_negative_cost(sim_bench, monkeypatch):
     # On a loaded machine the refetch engine can come out faster than the default one: the
     # per-fetch cost is then 0, not negative (a negative cost would speed the simulation up).
-    monkeypatch.setattr(sim_bench, "measure_host", lambda **_: INSTANT_LINKS)
+    monkeypatch.setattr(sim_bench, "measure_memcpy_bytes_per_s", lambda: INSTANT_MEMCPY_BYTES_PER_S)
     rounds = [{"plain_forward_backward_s": 0.5, "plain_tokenless_forward_backward_s": 0.010,
                "zero3_tokenless_forward_backward_s": 0.020, "zero3_step_s": 0.004,
                "zero3_refetch_tokenless_forward_backward_s": 0.015}]
