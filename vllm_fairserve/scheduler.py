@@ -40,9 +40,25 @@ How each part of vLLM's scheduler is bound (the upstream methods overridden are 
   ``update_from_output``, never during ``schedule()``, so ordering ``self.running`` by ascending
   counter just before each ``schedule()`` makes every one of those picks the running request of
   the tenant with the highest counter (of its requests, the one with the least KV computed,
-  whose recomputation wastes least). The same order serves running requests lowest counter
-  first when the token budget is short. vLLM's ``priority`` policy picks victims differently,
-  so it is refused at construction.
+  whose recomputation wastes least: ``preemption_order`` in counters.py, the simulator's
+  victim too). The same order serves running requests lowest counter first when the token
+  budget is short. vLLM's ``priority`` policy picks victims differently, so it is refused at
+  construction.
+- **Joining the running batch** (the throttle's headroom and eviction rules, the simulator's
+  ``may_join`` and ``make_room``). vLLM admits waiting requests after it has scheduled the
+  running ones, and a request scheduled in a step cannot be preempted in it, so the two rules
+  bind at two places. *Eviction* is a pre-pass before ``super().schedule()``: when the
+  waiting request next in fair order will lack blocks once the running pass has taken its own
+  (estimated by walking ``self.running`` with the step's budget), ``Throttle.admission_victims``
+  names running over-allowance requests of higher-counter tenants, and each goes through
+  vLLM's own ``_preempt_request`` (back to the front of its tenant's queue, its output kept,
+  its in-flight output handled as vLLM's own preemption does); vLLM then admits the head in the
+  same step. *Headroom* is applied at vLLM's admission check itself: for the duration of
+  ``super().schedule()`` the fair queue's ``admission_gate`` is ``Throttle.may_join_batch``, and
+  vLLM asks the queue's truth right before it peeks at each head to admit it (see queue.py),
+  so the rule sees every head with the memory left at that moment, and a refused head stops
+  admission for the step, as in the simulator. Both size a request by its whole sequence,
+  as vLLM 0.32's own admission does (``scheduler_reserve_full_isl``).
 - **Throttle.** ``add_request`` asks ``Throttle.submit`` (after reporting the load: KV-cache
   usage and the length of vLLM's waiting queues). A held request goes through vLLM's own
   ``add_request`` bookkeeping (it is in ``self.requests``, so client aborts and shutdown find

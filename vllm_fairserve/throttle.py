@@ -53,6 +53,10 @@ over-allowance traffic yet free for everyone else:
   carried over to memory; it only ever evicts traffic the throttle would hold, and only when
   evicting frees enough for the waiting request, so no work is thrown away for nothing.
 
+The simulator (``sim_policies.FairServePolicy``) and ``FairScheduler`` (scheduler.py) both call
+these two methods; the callers only measure memory (free blocks after the request's whole
+prompt, as vLLM 0.32 admits) and preempt what they are told.
+
 Neither rule acts on in-allowance pairs, so heavy-but-legitimate applications are never held
 back or evicted by them; both act only when memory is short, which is overload.
 
@@ -69,6 +73,7 @@ from dataclasses import dataclass, field, replace
 from typing import Generic, TypeVar
 
 from vllm_fairserve.config import SECONDS_PER_MINUTE, ApplicationConfig, FairServeConfig
+from vllm_fairserve.counters import preemption_order
 from vllm_fairserve.identity import RequestIdentity
 
 UsageKey = tuple[str, str]  # (tenant, application)
@@ -343,7 +348,7 @@ class Throttle:
         if blocks_short <= 0 or not self._limits.enabled or self.over_allowance(waiting, now):
             return []
         over: dict[UsageKey, bool] = {}
-        candidates: list[tuple[float, int, int, RunningRequest[RequestRef]]] = []
+        candidates: list[tuple[tuple[float, int], int, RunningRequest[RequestRef]]] = []
         for position, request in enumerate(running):
             if request.counter <= waiting_counter:
                 continue
@@ -351,8 +356,9 @@ class Throttle:
             if key not in over:
                 over[key] = self.over_allowance(request.identity, now)
             if over[key]:
-                candidates.append((-request.counter, request.computed_tokens, -position, request))
-        candidates.sort(key=lambda item: item[:3])
+                candidates.append((preemption_order(request.counter, request.computed_tokens), position, request))
+        # The victim order of any preemption (counters.py), last first.
+        candidates.sort(key=lambda item: item[:2], reverse=True)
         victims: list[RequestRef] = []
         freed = 0
         for *_, request in candidates:
