@@ -24,14 +24,22 @@ accelerator, an upstream operator-precedence slip), ``max_in_cpu: 0`` so stock r
 and ``stage3_prefetch_bucket_size: 0``: with stock's default bucket, DeepSpeed 0.19.8 fails here
 with "param N already assigned swap buffer id M" (its prefetch and its NVMe swap-in both claim a
 buffer). Its swap buffers are ``buffer_count`` x ``buffer_size`` with ``buffer_size`` the largest
-parameter, the least stock accepts. The tencache side of this mode arrives with the NVMe tier
-(next issue) and is recorded as null until then.
+parameter, the least stock accepts.
+
+Equal host memory in this mode: stock holds parameters in pinned host memory in two places, its
+swap slots and the partitions under 1 MiB that it never swaps (pinned, ``pin_memory: true``).
+tencache's whole pool (``cpu_budget``: CPU-tier residents and NVMe staging buffers together) gets
+exactly the sum of the two, so the rest of the model lives on NVMe and is read back every step.
+Stock also pins a write-back buffer as large as its largest optimizer sub-group (here the whole
+model) for the optimizer step; tencache streams that write-back through its pool instead, so the
+comparison leaves it out of the budget and reports it (``pinned_bytes_reserved_with_write_back``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import shutil
@@ -50,14 +58,26 @@ SIDES = ("stock", "tencache")
 
 
 STOCK_SWAP_BUFFERS = 5  # offload_param.buffer_count default
+STOCK_SWAP_MIN_BYTES = 2**20  # ZeRO-Infinity never swaps a partition smaller (MIN_AIO_BYTES)
 
 
 def itemsize(mode: str) -> int:
     return 2 if mode == "nvme" else 4
 
 
+def stock_pinned_parameter_bytes(model_dir: Path, largest_numel: int) -> int:
+    """Pinned bytes in which stock holds parameters with NVMe offload (module doc): its swap slots
+    plus every bf16 partition under ZeRO-Infinity's 1 MiB swap threshold."""
+    from safetensors import safe_open
+
+    with safe_open(model_dir / "model.safetensors", framework="pt") as weights:
+        numels = [weights.get_slice(name).get_shape() for name in weights.keys()]
+    unswapped = sum(n * 2 for n in (math.prod(shape) for shape in numels) if n * 2 < STOCK_SWAP_MIN_BYTES)
+    return STOCK_SWAP_BUFFERS * largest_numel * 2 + unswapped
+
+
 def run_config(mode: str, side: str, budget: int, steps: int, largest_numel: int,
-               swap_dir: Path) -> dict:
+               swap_dir: Path, cpu_budget: int | None = None) -> dict:
     config = json.loads(BASE_CONFIG.read_text())
     zero = config["zero_optimization"]
     if mode == "nvme":
@@ -73,8 +93,11 @@ def run_config(mode: str, side: str, budget: int, steps: int, largest_numel: int
         zero["stage3_max_reuse_distance"] = budget // itemsize(mode)
     if side == "tencache":
         config["tencache"] = {"device_budget": budget, "warmup_steps": WARMUP_STEPS}
+        if mode == "nvme":
+            config["tencache"]["cpu_budget"] = cpu_budget
     elif side == "stock_measured":
-        config["tencache"] = {"device_budget": budget, "warmup_steps": steps + 1}
+        # the tencache coordinator, profiling all run long, over stock's own swapper
+        config["tencache"] = {"device_budget": budget, "warmup_steps": steps + 1, "nvme_tier": False}
     return config
 
 
@@ -101,7 +124,8 @@ def worker(mode: str, side: str, size: str, steps: int, out: Path) -> None:
     budget = manifest["num_parameters"] * itemsize(mode) // 2
     largest = max(spec["vocab_size"] * spec["hidden_size"], spec["hidden_size"] * spec["intermediate_size"])
     swap_dir = out.parent / f"swap-{out.stem}"
-    config = run_config(mode, side, budget, steps, largest, swap_dir)
+    cpu_budget = stock_pinned_parameter_bytes(model_dir, largest) if mode == "nvme" else None
+    config = run_config(mode, side, budget, steps, largest, swap_dir, cpu_budget)
     read_before = storage_read_bytes()
     result = train(model_dir, config, steps=steps,
                    initialize=None if side.startswith("stock") and side != "stock_measured"
@@ -122,7 +146,7 @@ def worker(mode: str, side: str, size: str, steps: int, out: Path) -> None:
         "num_parameters": manifest["num_parameters"],
         "size": size,
         "bytes_read_nvme_per_step": nvme_read / steps if mode == "nvme" else None,
-        "pinned_swap_bytes": STOCK_SWAP_BUFFERS * largest * itemsize(mode) if mode == "nvme" else None,
+        "host_tier": result.host_tier,
     }))
 
 
@@ -138,20 +162,28 @@ def spawn(mode: str, side: str, size: str, steps: int, scratch: Path) -> dict:
 
 
 def summarise(runs: list[dict], measured: dict | None) -> dict:
-    """Median step time over the post-warm-up steps of every run of one side."""
+    """Median step time over the post-warm-up steps of every run of one side.
+
+    Hit rate, fetch wait and the sampled in-use peak of stock's swap slots come from ``measured``
+    (the instrumented run) when given; everything else from the side's own runs.
+    """
     times = [t for run in runs for t in run["step_times_s"][WARMUP_STEPS:]]
     figures = measured if measured is not None else runs[0]
+    tier = runs[0].get("host_tier") or {}  # None without NVMe offload
+    watched = (measured or {}).get("host_tier") or tier
     return {
         "step_time_median_s": statistics.median(times),
         "hit_rate": figures["hit_rate"],
         "fetch_wait_s_per_step": figures["fetch_wait_s_per_step"],
         "losses": runs[0]["losses"],
-        # stock's swap buffers (nvme mode); tencache's pinned pool arrives with the NVMe tier
-        "pinned_bytes_reserved": runs[0]["pinned_swap_bytes"],
-        "pinned_bytes_used_peak": None,
-        "allocations_after_warmup": None,
+        "pinned_bytes_reserved": tier.get("pinned_bytes_reserved"),
+        "pinned_bytes_used_peak": watched.get("pinned_bytes_used_peak"),
+        "allocations_after_warmup": tier.get("allocations_after_warmup"),
         "bytes_read_nvme_per_step": runs[0]["bytes_read_nvme_per_step"],
         "peak_rss_bytes": max(run["peak_rss_bytes"] for run in runs),
+        **{key: watched.get(key) for key in ("utilisation", "pinned_bytes_reserved_with_write_back",
+                                             "cpu_resident_bytes", "device_budget_bytes")
+           if key in watched},
     }
 
 
@@ -213,9 +245,8 @@ def main(argv: list[str] | None = None) -> int:
 
     scratch = args.out.parent / ".scratch"
     scratch.mkdir(parents=True, exist_ok=True)
-    # The nvme mode has no tencache side yet (NVMe tier: next issue): stock runs only.
     plan = {"cpu": [s for _ in range(args.repeats) for s in SIDES] + ["stock_default", "stock_measured"],
-            "nvme": ["stock"] * args.repeats + ["stock_measured"]}
+            "nvme": [s for _ in range(args.repeats) for s in SIDES] + ["stock_measured"]}
     order = [(mode, side) for mode in modes for side in plan[mode]]
     runs = {mode: {side: [] for side in plan[mode]} for mode in modes}
     for mode, side in tqdm(order, desc="training runs", unit="run"):
@@ -248,8 +279,12 @@ def main(argv: list[str] | None = None) -> int:
         result["model"]["nvme"] = {"dtype": "bfloat16", "param_bytes": nvme_runs["stock"][0]["num_parameters"] * 2,
                                    "device_budget_bytes": nvme_runs["stock"][0]["budget_bytes"],
                                    "stock_buffer_count": STOCK_SWAP_BUFFERS}
-        result["modes"]["nvme"] = {"stock": summarise(nvme_runs["stock"], nvme_runs["stock_measured"][0]),
-                                   "tencache": None, "step_time_ratio": None}
+        result["modes"]["nvme"] = {
+            "stock": summarise(nvme_runs["stock"], nvme_runs["stock_measured"][0]),
+            "tencache": summarise(nvme_runs["tencache"], None),
+            "step_time_ratio": paired_ratio(nvme_runs["stock"], nvme_runs["tencache"]),
+            "losses_identical": all(r["losses"] == nvme_runs["stock"][0]["losses"]
+                                    for r in nvme_runs["tencache"] + nvme_runs["stock"])}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     if "cpu" in runs:

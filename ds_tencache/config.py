@@ -94,9 +94,15 @@ class TencacheConfig(_Block):
     """Bytes of gathered parameters the accelerator may hold at once. "auto": what stock ZeRO-3
     would keep live at most (``stage3_max_live_parameters`` elements)."""
 
+    nvme_tier: bool = True
+    """With ``offload_param.device: "nvme"``, replace ZeRO-Infinity's parameter swapper by the
+    tiered store (pinned pool, CPU tier, checksummed swap files). False keeps the upstream swapper
+    and caches on the device only (useful for A/B measurements)."""
+
     cpu_budget: BytesOrAuto = "auto"
-    """Bytes of the pinned host tier. "auto": the pinned memory stock ZeRO-Infinity reserves for
-    NVMe parameter swapping (``buffer_count`` x ``buffer_size``), or unbounded with CPU offload."""
+    """Bytes of pinned host memory of the NVMe tier: the CPU-tier residents plus the staging
+    buffers of NVMe reads, in one allocation. "auto": what ZeRO-Infinity pins for its parameter
+    swap slots (``offload_param.buffer_count`` x ``buffer_size`` elements)."""
 
     nvme_path: str | None = None
     """Folder of the NVMe tier; defaults to ``zero_optimization.offload_param.nvme_path``."""
@@ -116,16 +122,13 @@ class TencacheConfig(_Block):
     pool: PoolConfig = PoolConfig()
 
     def tier_settings_given(self) -> list[str]:
-        """Keys the user set that configure the pinned-pool / NVMe tier.
-
-        That tier replaces ZeRO-Infinity's swappers in a later version; until then the adapter
-        says plainly that these settings have no effect, rather than accepting them silently.
-        """
+        """Keys the user set that configure the NVMe tier: without NVMe parameter offload the
+        adapter says plainly that they have no effect, rather than accepting them silently."""
         return [key for key in TIER_KEYS if key in self.model_fields_set]
 
 
 # Settings read by the pinned pool and NVMe tier (see tier_settings_given).
-TIER_KEYS = ("cpu_budget", "nvme_path", "verify_checksums", "pool")
+TIER_KEYS = ("nvme_tier", "cpu_budget", "nvme_path", "verify_checksums", "pool")
 
 
 def _dotted(location: tuple[Any, ...]) -> str:
@@ -209,11 +212,26 @@ def from_ds_config(ds_config: Mapping[str, Any] | str | Path) -> TencacheConfig 
             f"tencache caches ZeRO-3 parameters, but zero_optimization.stage is {stage!r}; "
             "set \"zero_optimization\": {\"stage\": 3, ...} or remove the tencache block")
     offload = zero.get("offload_param") or {}
-    if offload.get("device") == "nvme" and not (tencache.nvme_path or offload.get("nvme_path")):
+    nvme = offload.get("device") == "nvme"
+    if nvme and not (tencache.nvme_path or offload.get("nvme_path")):
         raise TencacheConfigError(
             "offload_param.device is \"nvme\" but no folder is given for the NVMe tier; set "
             "zero_optimization.offload_param.nvme_path or tencache.nvme_path")
+    optimizer = zero.get("offload_optimizer") or {}
+    if nvme and tencache.nvme_tier and optimizer.get("device") == "nvme":
+        raise TencacheConfigError(
+            "tencache's NVMe tier does not yet work beside offload_optimizer.device \"nvme\" "
+            "(ZeRO-Infinity's optimizer swapper borrows the parameter swapper's fixed slots); "
+            "offload the optimizer to \"cpu\", or set tencache.nvme_tier to false")
     return tencache
+
+
+def nvme_tier_active(ds_config: Mapping[str, Any]) -> bool:
+    """Whether tencache's NVMe tier replaces ZeRO-Infinity's parameter swapper for this config."""
+    tencache = from_ds_config(ds_config)
+    zero = ds_config.get("zero_optimization") or {}
+    offload = (zero.get("offload_param") or {}) if isinstance(zero, Mapping) else {}
+    return tencache is not None and tencache.nvme_tier and offload.get("device") == "nvme"
 
 
 def _reject_misplaced_block(config: Mapping[str, Any]) -> None:

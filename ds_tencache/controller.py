@@ -20,6 +20,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 from ds_tencache.metrics import MetricsReporter, StepCounters, StepMetrics
 from ds_tencache.plan import Plan, build_plan
@@ -50,11 +51,17 @@ class GroupStart:
     evict: list[int] = field(default_factory=list)
 
 
+# Given a builder of device plans by budget and the configured budget: the plan to follow and the
+# host-tier layout that goes with it (ds_tencache.tiers.plan_tiers, bound to the NVMe store).
+PlanTiers = Callable[[Callable[[int], Plan], int], tuple[Plan, Any]]
+
+
 class CacheController:
     """Decides, step by step, whether to profile or to follow the plan, and what the plan says."""
 
     def __init__(self, warmup_steps: int, device_budget_bytes: int, reporter: MetricsReporter,
-                 lookahead_bytes: int | None = None, profile_path: str | None = None) -> None:
+                 lookahead_bytes: int | None = None, profile_path: str | None = None,
+                 plan_tiers: PlanTiers | None = None) -> None:
         self.warmup_steps = warmup_steps
         self.device_budget_bytes = device_budget_bytes
         self.lookahead_bytes = lookahead_bytes
@@ -63,6 +70,8 @@ class CacheController:
         self.mode = Mode.PROFILING
         self.plan: Plan | None = None
         self.plans_built = 0
+        self.plan_tiers = plan_tiers
+        self.layout: Any = None  # the host-tier layout of the current plan (NVMe tier only)
         self._recorder = ProfileRecorder()
         self._groups: list[tuple[str, Phase, tuple[int, ...]]] = []  # the plan's order
         self._starts: list[GroupStart] = []  # the plan's evictions per group
@@ -141,6 +150,11 @@ class CacheController:
             self._gathered_bytes += nbytes
             self._gather_s += seconds
 
+    def record_moved(self, direction: str, nbytes: int) -> None:
+        """Bytes moved outside an all-gather (the NVMe tier's reads)."""
+        if nbytes:
+            self._counters.moved(direction, nbytes)
+
     # --- internals -----------------------------------------------------------------------------
 
     def _profiled_steps(self) -> int:
@@ -172,9 +186,15 @@ class CacheController:
             compute_s=[g.compute_s for g in groups],
             bandwidth_bytes_per_s=bandwidth,
         ))
-        self.plan = build_plan(inputs.groups, inputs.sizes, self.device_budget_bytes,
-                               inputs.compute_s, inputs.bandwidth_bytes_per_s,
-                               lookahead_bytes=self.lookahead_bytes)
+
+        def build(budget: int) -> Plan:
+            return build_plan(inputs.groups, inputs.sizes, budget, inputs.compute_s,
+                              inputs.bandwidth_bytes_per_s, lookahead_bytes=self.lookahead_bytes)
+
+        if self.plan_tiers is None:
+            self.plan = build(self.device_budget_bytes)
+        else:
+            self.plan, self.layout = self.plan_tiers(build, self.device_budget_bytes)
         self._groups = [(g.module, g.phase, g.param_ids) for g in groups]
         # Per group, precomputed once: this runs for every sub-module of every step.
         issued = [self.plan.issue_at.get(g, []) for g in range(len(groups))]
@@ -188,7 +208,7 @@ class CacheController:
         logger.info(
             "tencache: plan built from %d profiled steps: %d groups, %d fetches, budget %.1f MiB, "
             "predicted hit rate %.3f", len(profile.steps), len(groups), len(self.plan.fetches),
-            self.device_budget_bytes / 2**20, self.plan.predicted_hit_rate)
+            self.plan.budget_bytes / 2**20, self.plan.predicted_hit_rate)
 
     def _abandon_plan(self, reason: str) -> None:
         logger.warning("tencache: execution order changed (%s); re-profiling for %d steps with "

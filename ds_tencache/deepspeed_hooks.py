@@ -1,6 +1,6 @@
 """The only module that touches DeepSpeed internals. Written against deepspeed==0.19.8.
 
-It translates; :mod:`ds_tencache.controller` decides. Three bindings:
+It translates; :mod:`ds_tencache.controller` and :mod:`ds_tencache.tiers` decide. Four bindings:
 
 - :class:`TencacheCoordinator` subclasses ZeRO-3's ``PartitionedParameterCoordinator``. Every
   ZeRO-3 hook asks ``DeepSpeedZeRoOffload.get_param_coordinator()`` at call time, so swapping the
@@ -12,6 +12,12 @@ It translates; :mod:`ds_tencache.controller` decides. Three bindings:
   ``deepspeed.initialize`` (and so Hugging Face's Trainer) activates it.
 - ``DeepSpeedConfig.__init__`` is wrapped to validate the block when DeepSpeed reads the config,
   so a mistake (or tencache without ZeRO-3) fails before any engine is built.
+- With NVMe parameter offload, :class:`TieredParameterSwapper` replaces ZeRO-Infinity's
+  ``AsyncPartitionedParameterSwapper``: ``zero.Init`` builds its swapper by that name from
+  ``partition_parameters``'s namespace, so the name is bound to a factory that returns ours when
+  the config asks for the NVMe tier and stock's otherwise. It keeps the upstream interface (the
+  methods ZeRO-3 calls, listed in ``SWAPPER_METHODS``) over the size-class pool, the CPU tier and
+  checksummed swap files.
 
 Name-mangled upstream members used here (``_PartitionedParameterCoordinator__*``) are listed in
 ``UPSTREAM_MEMBERS``; ``tests/integration/test_tencache_upstream.py`` fails loudly when an upgrade
@@ -20,31 +26,50 @@ renames one.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
 import sys
 import time
-from collections.abc import Mapping
+import weakref
+from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
+from deepspeed.ops.op_builder import AsyncIOBuilder
 from deepspeed.runtime.config import DeepSpeedConfig
+from deepspeed.runtime.swap_tensor import constants as aio_keys
+from deepspeed.runtime.swap_tensor.partitioned_param_swapper import (
+    AsyncPartitionedParameterSwapper, PartitionedParamStatus)
+from deepspeed.runtime.zero import partition_parameters
+from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from deepspeed.runtime.zero.partitioned_param_coordinator import (PartitionedParameterCoordinator,
                                                                    iter_params)
 from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
 from deepspeed.utils import z3_leaf_module
 
-from ds_tencache.config import TencacheConfig, from_ds_config
+from ds_tencache.config import (TencacheConfig, TencacheConfigError, from_ds_config,
+                               nvme_tier_active)
 from ds_tencache.controller import CacheController, Mode, PlanInputs
 from ds_tencache.metrics import MetricsReporter
+from ds_tencache.pool import PinnedBufferPool, PooledBuffer, PoolExhaustedError, PoolStats
 from ds_tencache.profile import Phase, TensorInfo
+from ds_tencache.tiers import (IOStreams, SwapFileError, SwapFiles, TierLayout, file_bytes_for,
+                               plan_tiers, warmup_carving)
 
 DEEPSPEED_VERSION = "0.19.8"
 _MANGLED = "_PartitionedParameterCoordinator__"
 # Private upstream members this adapter reads or overrides; checked by a test on upgrade.
 UPSTREAM_MEMBERS = ("all_gather_params", "release_param", "params_to_release", "prefetch_bucket_sz",
                     "max_n_available_params")
+# The upstream swapper's methods that ZeRO-3 calls with NVMe parameter offload and an optimizer in
+# CPU memory, each overridden by TieredParameterSwapper; checked by a test on upgrade.
+SWAPPER_METHODS = ("swappable_tensor", "get_buffer", "swap_out_and_release", "swap_in",
+                   "synchronize_reads", "synchronize_writes", "remove_partition_and_release_buffers",
+                   "swap_into_buffer", "reserve_partitioned_swap_space",
+                   "swap_out_partitioned_params", "get_path", "available_swap_in_buffers")
 
 logger = logging.getLogger("ds_tencache")
 
@@ -54,10 +79,11 @@ class TencacheCoordinator(PartitionedParameterCoordinator):
 
     controller: CacheController
     offload_device: str
+    store: TieredParameterSwapper | None
 
     @classmethod
     def adopt(cls, stock: PartitionedParameterCoordinator, controller: CacheController,
-              offload_device: str) -> TencacheCoordinator:
+              offload_device: str, store: TieredParameterSwapper | None = None) -> TencacheCoordinator:
         """Take over a freshly built stock coordinator's state (streams, registry, limits).
 
         Copying the state, rather than calling the constructor again, keeps this adapter
@@ -67,6 +93,11 @@ class TencacheCoordinator(PartitionedParameterCoordinator):
         coordinator.__dict__.update(stock.__dict__)
         coordinator.controller = controller
         coordinator.offload_device = offload_device
+        coordinator.store = store
+        coordinator.stock_swapper = None  # ZeRO-Infinity's swapper, when it stays: its usage is sampled
+        coordinator.stock_swap_peak_bytes = 0
+        coordinator._layout = None  # the tier layout the store has applied
+        coordinator._nvme_read_seen = 0
         coordinator._params_by_id = {}
         coordinator._modules = {}
         coordinator._mode = None
@@ -82,22 +113,49 @@ class TencacheCoordinator(PartitionedParameterCoordinator):
             self._release(list(self._params_by_id))
         super().reset_step()
         self.controller.start_step(time.perf_counter(), agree=_same_on_every_rank)
+        layout = self.controller.layout
+        if self.store is not None and layout is not None and layout is not self._layout:
+            if self.store.apply_layout(layout, self._params_by_id):
+                self._layout = layout
+                self._nvme_read_seen = self.store.bytes_read  # residents' one-off reads
+                if _rank() == 0:
+                    logger.info(
+                        "tencache: NVMe tier laid out: %d partitions (%.1f MiB) in the CPU tier, "
+                        "%d staging buffers, %.1f of %.1f MiB pinned carved; plan reads %.1f MiB "
+                        "from NVMe per step at a device budget of %.1f MiB",
+                        len(layout.cpu_resident), layout.resident_bytes / 2**20,
+                        sum(layout.staging_per_class.values()), layout.carved_bytes / 2**20,
+                        self.store.capacity / 2**20, layout.nvme_read_bytes_per_step / 2**20,
+                        layout.device_budget_bytes / 2**20)
         self._apply_mode()
 
     def fetch_sub_module(self, current_submodule: torch.nn.Module, forward: bool) -> None:
         name, params, ids = self._module_info(current_submodule)
         start = time.perf_counter()
         group = self.controller.begin_group(
-            name, Phase.FORWARD if forward else Phase.BACKWARD, ids,
-            [p.ds_status != ZeroParamStatus.NOT_AVAILABLE for p in params], start)
+            name, Phase.FORWARD if forward else Phase.BACKWARD, ids, list(map(_issued, params)),
+            start)
         self._apply_mode()  # the controller may just have abandoned its plan
         self._release(group.evict)
+        if self.store is not None:
+            self.store.wait_for_reads(params)  # not the prefetches issued after them
         super().fetch_sub_module(current_submodule, forward)
         end = time.perf_counter()
+        if self.stock_swapper is not None:
+            self._sample_stock_swapper()
+        if self.store is not None:  # the NVMe reads of this group and the prefetches before it
+            self.controller.record_moved("nvme_to_cpu", self.store.bytes_read - self._nvme_read_seen)
+            self._nvme_read_seen = self.store.bytes_read
         prefetch = self.controller.end_group(end, end - start)
         if prefetch:
             missing = {param for param in map(self._params_by_id.__getitem__, prefetch)
                        if param.ds_status == ZeroParamStatus.NOT_AVAILABLE}
+            if self.store is not None:
+                # NVMe partitions: start their reads now; the gather at use waits for them.
+                streamed = {p for p in missing if _on_nvme(p)}
+                self.store.prefetch(p for p in map(self._params_by_id.__getitem__, prefetch)
+                                    if p in streamed)
+                missing -= streamed
             if missing:
                 getattr(self, _MANGLED + "all_gather_params")(missing, forward)
 
@@ -118,9 +176,14 @@ class TencacheCoordinator(PartitionedParameterCoordinator):
     # --- upstream private members, overridden by their mangled names --------------------------
 
     def _PartitionedParameterCoordinator__params_to_release(self, submodule, step_id):
-        """Planned: nothing is released after use; the plan's evictions decide."""
+        """Planned: nothing is released after use; the plan's evictions decide. Profiling with the
+        NVMe tier: everything is released right after use, so the warm-up carving (one staging
+        buffer per size class and spares) suffices whatever stock's reuse distance would keep."""
         if self.controller.mode is Mode.PLANNED:
             return set()
+        if self.store is not None:
+            return {p.ds_id for p in iter_params(submodule, recurse=z3_leaf_module(submodule))
+                    if not p.ds_persist}
         return PartitionedParameterCoordinator._PartitionedParameterCoordinator__params_to_release(
             self, submodule, step_id)
 
@@ -130,8 +193,8 @@ class TencacheCoordinator(PartitionedParameterCoordinator):
         start = time.perf_counter()
         PartitionedParameterCoordinator._PartitionedParameterCoordinator__all_gather_params(
             self, params, forward)
-        self.controller.record_gather(missing, time.perf_counter() - start,
-                                      f"{self.offload_device}_to_device")
+        source = "cpu" if self.store is not None else self.offload_device  # NVMe reads land in host memory
+        self.controller.record_gather(missing, time.perf_counter() - start, f"{source}_to_device")
 
     # --- helpers --------------------------------------------------------------------------------
 
@@ -142,16 +205,36 @@ class TencacheCoordinator(PartitionedParameterCoordinator):
             if param.ds_status == ZeroParamStatus.AVAILABLE and not param.ds_active_sub_modules:
                 release(param)
 
+    def _sample_stock_swapper(self) -> None:
+        """Bytes of partitions in ZeRO-Infinity's fixed slots now (for the pool comparison)."""
+        swapper = self.stock_swapper
+        in_use = sum(swapper.param_id_to_numel[p] for p in swapper.param_id_to_buffer_id)
+        self.stock_swap_peak_bytes = max(self.stock_swap_peak_bytes,
+                                         in_use * swapper.swap_element_size)
+
     def _apply_mode(self) -> None:
-        """Stock prefetching runs only while profiling; the plan prefetches by itself."""
+        """Stock prefetching runs only while profiling; the plan prefetches by itself. With the NVMe
+        tier stock never prefetches: its NVMe prefetch claims buffers by count, not by size."""
         if self.controller.mode is not self._mode:
             self._mode = self.controller.mode
-            bucket = 0 if self._mode is Mode.PLANNED else self._stock_prefetch_bucket
+            planned = self._mode is Mode.PLANNED or self.store is not None
+            bucket = 0 if planned else self._stock_prefetch_bucket
             setattr(self, _MANGLED + "prefetch_bucket_sz", bucket)
 
 
 def _nbytes(param: torch.nn.Parameter) -> int:
     return param.ds_numel * param.dtype.itemsize
+
+
+def _on_nvme(param: torch.nn.Parameter) -> bool:
+    return getattr(param.ds_tensor, "final_location", None) == OffloadDeviceEnum.nvme
+
+
+def _issued(param: torch.nn.Parameter) -> bool:
+    """A use's transfer was issued before it: gathered or gathering, or (NVMe) its read started."""
+    if param.ds_status != ZeroParamStatus.NOT_AVAILABLE:
+        return True
+    return _on_nvme(param) and param.ds_tensor.status != PartitionedParamStatus.NOT_AVAILABLE
 
 
 def _same_on_every_rank(inputs: PlanInputs) -> PlanInputs:
@@ -168,7 +251,8 @@ def _rank() -> int:
 
 
 def build_controller(config: TencacheConfig, stock: PartitionedParameterCoordinator,
-                     module: torch.nn.Module) -> CacheController:
+                     module: torch.nn.Module,
+                     store: TieredParameterSwapper | None = None) -> CacheController:
     """A controller for one engine, with "auto" settings resolved against the stock limits."""
     if config.device_budget == "auto":
         itemsize = next(module.parameters()).dtype.itemsize
@@ -179,8 +263,13 @@ def build_controller(config: TencacheConfig, stock: PartitionedParameterCoordina
     rank0 = _rank() == 0
     reporter = MetricsReporter(config.metrics.path if rank0 else None, config.metrics.every_n_steps,
                                log=rank0)
+    tiers = None
+    if store is not None:
+        def tiers(build, device_budget):
+            return plan_tiers(build, device_budget, store.partition_bytes, store.capacity,
+                              store.max_classes, store.alignment)
     return CacheController(config.warmup_steps, budget, reporter, lookahead_bytes=lookahead,
-                           profile_path=config.profile_path if rank0 else None)
+                           profile_path=config.profile_path if rank0 else None, plan_tiers=tiers)
 
 
 def tencache_controller(engine: Any) -> CacheController | None:
@@ -188,6 +277,49 @@ def tencache_controller(engine: Any) -> CacheController | None:
     offload = getattr(getattr(engine, "optimizer", None), "parameter_offload", None)
     coordinator = getattr(offload, "param_coordinator", None)
     return coordinator.controller if isinstance(coordinator, TencacheCoordinator) else None
+
+
+def host_tier_figures(engine: Any) -> dict[str, Any] | None:
+    """Pinned-memory figures of the engine's parameter swapper (tencache's or ZeRO-Infinity's).
+
+    None without NVMe parameter offload. ZeRO-Infinity's in-use peak is sampled at every fetch,
+    so it exists only when a tencache coordinator watched the run.
+    """
+    offload = getattr(getattr(engine, "optimizer", None), "parameter_offload", None)
+    coordinator = getattr(offload, "param_coordinator", None)
+    swapper = next((p.nvme_swapper for p in engine.module.parameters()
+                    if getattr(p, "nvme_swapper", None) is not None), None)
+    if isinstance(swapper, TieredParameterSwapper):
+        stats = swapper.pool_stats()
+        layout = swapper.layout
+        return {
+            "pinned_bytes_reserved": stats.reserved_bytes,
+            "pinned_bytes_used_peak": stats.peak_requested_bytes,
+            "utilisation": stats.utilisation,
+            "fragmentation": stats.fragmentation,
+            "allocations_after_warmup": (None if swapper.allocations_at_plan is None
+                                         else stats.allocations - swapper.allocations_at_plan),
+            "cpu_resident_bytes": layout.resident_bytes if layout else 0,
+            "device_budget_bytes": layout.device_budget_bytes if layout else None,
+            "nvme_bytes_read": swapper.bytes_read,
+            "nvme_bytes_written": swapper.bytes_written,
+        }
+    if swapper is not None:
+        slots = swapper.buffers.numel() * swapper.buffers.element_size()
+        extra = swapper.partitioned_swap_buffer
+        write_back = 0 if extra is None else extra.numel() * extra.element_size()
+        sampled = isinstance(coordinator, TencacheCoordinator)
+        in_memory = sum(p.ds_tensor.ds_numel * p.ds_tensor.element_size()
+                        for p in engine.module.parameters()
+                        if getattr(p.ds_tensor, "final_location", None) != OffloadDeviceEnum.nvme)
+        return {
+            "pinned_bytes_reserved": slots,  # the fixed slots: what the NVMe tier's budget matches
+            "host_resident_bytes": in_memory,  # partitions never swapped (under 1 MiB, max_in_cpu)
+            "pinned_bytes_reserved_with_write_back": slots + write_back,
+            "pinned_bytes_used_peak": coordinator.stock_swap_peak_bytes if sampled else None,
+            "utilisation": coordinator.stock_swap_peak_bytes / slots if sampled else None,
+        }
+    return None
 
 
 # --- activation ----------------------------------------------------------------------------------
@@ -201,19 +333,64 @@ def _wrap_initialize_ds_offload(original):
         if config is not None:
             stock = offload.param_coordinator
             device = str(getattr(offload.offload_device, "value", offload.offload_device) or "none")
+            swapper = next((p.nvme_swapper for p in offload.module.parameters()
+                            if getattr(p, "nvme_swapper", None) is not None), None)
+            store = swapper if isinstance(swapper, TieredParameterSwapper) else None
             offload.param_coordinator = TencacheCoordinator.adopt(
-                stock, build_controller(config, stock, offload.module), device)
-            logger.info("tencache: active (warm-up %d steps, device budget %s)",
-                        config.warmup_steps, config.device_budget)
-            if config.tier_settings_given() or device == "nvme":
-                logger.warning(
-                    "tencache: this version caches gathered parameters on the device only; the "
-                    "pinned-pool/NVMe tier is not implemented yet, so %s stay with stock "
-                    "ZeRO-Infinity", ", ".join(config.tier_settings_given()) or "NVMe offload")
+                stock, build_controller(config, stock, offload.module, store), device, store)
+            offload.param_coordinator.stock_swapper = swapper if store is None else None
+            logger.info("tencache: active (warm-up %d steps, device budget %s%s)",
+                        config.warmup_steps, config.device_budget,
+                        f", NVMe tier with a {store.capacity / 2**20:.1f} MiB pinned pool"
+                        if store is not None else "")
+            ignored = [key for key in config.tier_settings_given() if store is None]
+            if ignored:
+                logger.warning("tencache: %s apply to the NVMe tier only (offload_param.device "
+                               "\"nvme\"); ignored here", ", ".join(ignored))
         return offload
 
     initialize_ds_offload.__tencache_wrapped__ = True
     return initialize_ds_offload
+
+
+def _wrap_rigid_load_state_dict(original):
+    """Checkpoint loading with partitions on NVMe (``max_in_cpu`` exceeded).
+
+    Upstream restores the low-precision partitions by copying the loaded fp32 master weights into
+    each sub-group's flat host buffer, which does not exist for sub-groups whose partitions live
+    on NVMe (it fails with ``'NoneType' object has no attribute 'data'``, with or without tencache).
+    With the NVMe tier, such sub-groups get a scratch flat buffer for the duration of the call;
+    afterwards the restored values go where each partition lives: written to its swap file, or
+    copied into its CPU-tier buffer.
+    """
+
+    @functools.wraps(original)
+    def _rigid_load_state_dict(self, state_dict, load_optimizer_states=True):
+        store = next((p.nvme_swapper for group in self.fp16_groups for p in group
+                      if isinstance(getattr(p, "nvme_swapper", None), TieredParameterSwapper)), None)
+        missing = [i for i, flat in enumerate(self.fp16_partitioned_groups_flat) if flat is None]
+        if store is None or not missing:
+            return original(self, state_dict, load_optimizer_states)
+        for i in missing:
+            flat = torch.empty(self.fp16_partitioned_groups_flat_numel[i],
+                               dtype=self.fp16_groups[i][0].dtype)
+            self.fp16_partitioned_groups_flat[i] = flat
+            offset = 0
+            for partition in self.fp16_partitioned_groups[i]:
+                # upstream unflattens by these shapes; a partition on NVMe has a placeholder
+                if partition.status == PartitionedParamStatus.NOT_AVAILABLE:
+                    partition.data = flat.narrow(0, offset, partition.ds_numel)
+                offset += partition.ds_numel
+        try:
+            original(self, state_dict, load_optimizer_states)
+            for i in missing:
+                store.restore_partitions(self.fp16_groups[i])
+        finally:
+            for i in missing:
+                self.fp16_partitioned_groups_flat[i] = None
+
+    _rigid_load_state_dict.__tencache_wrapped__ = True
+    return _rigid_load_state_dict
 
 
 def _wrap_config_init(original):
@@ -233,6 +410,11 @@ def install() -> None:
             DeepSpeedZeroOptimizer_Stage3.initialize_ds_offload)
     if not getattr(DeepSpeedConfig.__init__, "__tencache_wrapped__", False):
         DeepSpeedConfig.__init__ = _wrap_config_init(DeepSpeedConfig.__init__)
+    if not getattr(DeepSpeedZeroOptimizer_Stage3._rigid_load_state_dict, "__tencache_wrapped__", False):
+        DeepSpeedZeroOptimizer_Stage3._rigid_load_state_dict = _wrap_rigid_load_state_dict(
+            DeepSpeedZeroOptimizer_Stage3._rigid_load_state_dict)
+    # zero.Init builds its parameter swapper by this module-level name.
+    partition_parameters.AsyncPartitionedParameterSwapper = _swapper_factory
     if not logger.handlers:
         handler = logging.StreamHandler(sys.stdout)
         handler.setFormatter(logging.Formatter("[%(asctime)s] [%(levelname)s] [%(name)s] %(message)s"))
@@ -257,3 +439,306 @@ def initialize(*args, **kwargs):
         from_ds_config(config)  # a TencacheConfigError here names the bad key
     install()
     return deepspeed.initialize(*args, **kwargs)
+
+
+# --- the NVMe tier ----------------------------------------------------------------------------------
+
+def _element_size(ds_config: DeepSpeedConfig) -> int:
+    """Bytes per parameter element as the config trains (fp16/bf16: 2, else fp32: 4)."""
+    return 2 if ds_config.bfloat16_config.enabled or ds_config.float16_config.enabled else 4
+
+
+def _typed(buffer: PooledBuffer, dtype: torch.dtype, numel: int) -> torch.Tensor:
+    """The first ``numel`` elements of a pooled byte buffer, as ``dtype``."""
+    return buffer.view[:numel * dtype.itemsize].view(dtype)
+
+
+class TieredParameterSwapper(AsyncPartitionedParameterSwapper):
+    """ZeRO-Infinity's parameter swapper interface over the pinned pool, CPU tier and swap files.
+
+    What differs from the upstream swapper, and why:
+
+    - **One pinned allocation of ``cpu_budget`` bytes**, carved into size classes (warm-up: by
+      :func:`~ds_tencache.tiers.warmup_carving`; then by the plan's :class:`TierLayout`), instead
+      of ``buffer_count`` fixed slots sized for the largest parameter plus a second pinned buffer
+      as large as the largest optimizer sub-group for the write-back.
+    - **A CPU tier**: the partitions the layout picks stay in their pool buffer for the whole run,
+      marked as host partitions, so ZeRO-3 gathers them from memory and the optimizer updates them
+      in place; they are never read from or written to NVMe.
+    - **Every partition size is handled** (upstream leaves partitions under 1 MiB in unpinned
+      host memory, outside its accounting): the plan decides where even small ones live.
+    - **Each parameter's own dtype** sizes its buffer: upstream sizes its slots by ``zero.Init``'s
+      dtype, which for an fp32 model on an accelerator without fp16 is bf16 (an operator-precedence
+      slip in ``Init._set_dtype``), so fp32 NVMe offload fails there.
+    - **Integrity**: a checksum of every write is verified on every read; unwritable folders, full
+      disks, missing, truncated or corrupt files raise :class:`SwapFileError` naming the file.
+    """
+
+    def __init__(self, ds_config: DeepSpeedConfig, model_dtype: torch.dtype) -> None:
+        # Deliberately not super().__init__(): it pins the fixed slots this class replaces.
+        config = from_ds_config(ds_config._param_dict)
+        assert config is not None and nvme_tier_active(ds_config._param_dict)
+        offload = ds_config.zero_config.offload_param
+        self.dtype = model_dtype  # upstream attribute; buffers use each parameter's own dtype
+        self.aio_config = ds_config.aio_config
+        if self.aio_config[aio_keys.AIO_USE_GDS]:
+            raise TencacheConfigError("aio.use_gds is not supported by tencache's NVMe tier; set "
+                                      "tencache.nvme_tier to false to use ZeRO-Infinity's swapper")
+        handle = AsyncIOBuilder().load(verbose=False).aio_handle
+
+        def streams(what: str) -> IOStreams:
+            # aio.queue_depth: how many batches of reads (or writes) may be in flight at once.
+            return IOStreams([handle(
+                block_size=self.aio_config[aio_keys.AIO_BLOCK_SIZE],
+                queue_depth=self.aio_config[aio_keys.AIO_QUEUE_DEPTH],
+                single_submit=self.aio_config[aio_keys.AIO_SINGLE_SUBMIT],
+                overlap_events=self.aio_config[aio_keys.AIO_OVERLAP_EVENTS],
+                intra_op_parallelism=self.aio_config[aio_keys.AIO_INTRA_OP_PARALLELISM])
+                for _ in range(self.aio_config[aio_keys.AIO_QUEUE_DEPTH])], what)
+
+        self.reads, self.writes = streams("read"), streams("write")
+        # Direct I/O moves whole 512-byte sectors on each of the op's parallel threads.
+        self.alignment = max(config.pool.alignment_bytes,
+                             512 * self.aio_config[aio_keys.AIO_INTRA_OP_PARALLELISM])
+        self.max_classes = config.pool.max_size_classes
+        self.capacity = (int(offload.buffer_count * offload.buffer_size) * _element_size(ds_config)
+                         if config.cpu_budget == "auto" else config.cpu_budget)
+        folder = Path(config.nvme_path or offload.nvme_path) / "tencache" / f"rank{_rank()}"
+        self.files = SwapFiles(folder, verify=config.verify_checksums)
+        # Until every partition is known (zero.Init writes them one at a time), the whole capacity
+        # is one buffer; the first read carves the warm-up classes out of the same allocation.
+        self.pool = PinnedBufferPool(
+            {self.capacity // self.alignment * self.alignment: 1} if self.capacity >= self.alignment
+            else {}, self.alignment, self._locked, capacity_bytes=self.capacity)
+        self.carving = "init"
+        self.layout: TierLayout | None = None
+        self.partition_bytes: dict[int, int] = {}
+        self._numel: dict[int, int] = {}
+        self._staged: dict[int, PooledBuffer] = {}  # NVMe partitions read into staging buffers
+        self._resident: dict[int, PooledBuffer] = {}  # the CPU tier
+        self.invalid_buffer = torch.tensor(1).half()  # upstream's placeholder for a released partition
+        self.bytes_read = self.bytes_written = 0
+        self.allocations_at_plan: int | None = None
+        # The optimizer's last write-back is still in flight when training ends; DeepSpeed's aio
+        # handle aborts the process if destroyed with operations pending.
+        atexit.register(_drain_store, weakref.ref(self))
+
+    def _locked(self, nbytes: int) -> torch.Tensor:
+        """Page-locked host memory from DeepSpeed's async I/O op (pinned on a GPU host)."""
+        return self.reads.handle(0).new_cpu_locked_tensor(nbytes, torch.empty(0, dtype=torch.uint8))
+
+    # --- the upstream interface ------------------------------------------------------------------
+
+    def swappable_tensor(self, param=None, numel=None) -> bool:
+        return True
+
+    def available_swap_in_buffers(self) -> int:
+        return sum(self.pool.buffers_per_class().values())
+
+    def get_path(self, param, must_exist: bool = False) -> str:
+        return self.files.path(param.ds_id)
+
+    def get_buffer(self, param, numel: int) -> torch.Tensor:
+        """zero.Init's first placement of a partition: a staging buffer, written out next."""
+        self.partition_bytes[param.ds_id] = numel * param.dtype.itemsize
+        self._numel[param.ds_id] = numel
+        buffer = self._acquire(param.ds_id)
+        self._staged[param.ds_id] = buffer
+        return _typed(buffer, param.dtype, numel)
+
+    def swap_out_and_release(self, params, async_op: bool = False,
+                             force_buffer_release: bool = False) -> None:
+        for param in params:
+            self._write(param.ds_id, self._staged[param.ds_id], free_after=False)
+        self.synchronize_writes()
+        self.remove_partition_and_release_buffers(params)
+
+    def swap_in(self, params, async_op: bool = True, swap_in_buffers=None) -> None:
+        if swap_in_buffers is not None:
+            raise NotImplementedError("tencache's NVMe tier stages reads in its own pool")
+        self._ensure_training_carving()
+        self.reads.new_batch()
+        for param in params:
+            param_id = param.ds_id
+            path = self.files.path(param_id)
+            self.writes.wait_for(path)  # a read must see the last write of its file
+            try:
+                # Before the read: DeepSpeed's aio aborts the process on a file shorter than the
+                # read (an assertion), which would hide which file and why.
+                self.files.check_readable(param_id)
+            except SwapFileError:
+                self.reads.drain()
+                self.writes.drain()
+                raise
+            buffer = self._acquire(param_id)
+            self._staged[param_id] = buffer
+            view = buffer.view[:self.files.file_bytes(param_id)]
+            self.reads.submit(param_id, lambda aio, view=view, path=path: aio.async_pread(view, path, 0),
+                              path, functools.partial(self._read_done, param))
+            param.ds_tensor.status = PartitionedParamStatus.INFLIGHT
+            self.bytes_read += view.numel()
+        if not async_op:
+            self.wait_for_reads(params)
+
+    def synchronize_reads(self) -> None:
+        self.reads.wait_all()
+
+    def synchronize_writes(self) -> None:
+        self.writes.wait_all()
+
+    def wait_for_reads(self, params: Iterable[torch.nn.Parameter]) -> None:
+        """Complete the reads of these partitions only (later prefetches stay in flight)."""
+        for param in params:
+            self.reads.wait_for(param.ds_id)
+
+    def remove_partition_and_release_buffers(self, params) -> None:
+        self.wait_for_reads(params)  # never hand back a buffer the disk is still filling
+        for param in params:
+            buffer = self._staged.pop(param.ds_id, None)
+            if buffer is not None:
+                self.pool.release(buffer)
+            param.ds_tensor.data = self.invalid_buffer.data
+            param.ds_tensor.status = PartitionedParamStatus.NOT_AVAILABLE
+
+    def swap_into_buffer(self, param, dest_buffer: torch.Tensor) -> None:
+        self.swap_in([param], async_op=False)
+        dest_buffer.data.copy_(param.ds_tensor.data)
+        self.remove_partition_and_release_buffers([param])
+
+    def reserve_partitioned_swap_space(self, partition_num_elems) -> None:
+        """Upstream pins a second buffer as large as the largest optimizer sub-group here; the
+        write-back below streams through the pool's free buffers instead."""
+
+    def swap_out_partitioned_params(self, dst_fp16_params, src_fp32_params) -> None:
+        """The optimizer step's write-back of updated partitions (upstream: one big pinned buffer).
+
+        Nothing is staged during the optimizer step, so every staging buffer is free: each
+        partition is converted into one of its class or, when those are taken, of a larger class;
+        only when none is left are the writes in flight completed to free theirs. The writes stay
+        in flight after return, like upstream's; the next read waits for them.
+        """
+        for param, source in zip(dst_fp16_params, src_fp32_params, strict=True):
+            buffer = self._acquire(param.ds_id, spill=True)
+            _typed(buffer, param.dtype, source.numel()).copy_(source)
+            self.writes.new_batch()  # each write its own stream: a read waits for its file only
+            self._write(param.ds_id, buffer, free_after=True)
+        for param in dst_fp16_params:
+            param.ds_tensor.status = PartitionedParamStatus.NOT_AVAILABLE
+
+    # --- the CPU tier ----------------------------------------------------------------------------
+
+    def is_streamed(self, param) -> bool:
+        return param.ds_id not in self._resident
+
+    def prefetch(self, params: Iterable[torch.nn.Parameter]) -> None:
+        """Start the NVMe reads of partitions the plan needs soon; the gather waits for them."""
+        wanted = [p for p in params if p.ds_tensor.status == PartitionedParamStatus.NOT_AVAILABLE]
+        if wanted:
+            self.swap_in(wanted, async_op=True)
+
+    def apply_layout(self, layout: TierLayout, params: Mapping[int, torch.nn.Parameter]) -> bool:
+        """Move to a plan's layout: write back leaving residents, recarve, read in new residents.
+
+        Only between steps with nothing staged (False: try again at the next step start). Old
+        residents are written back first because the optimizer updated them in place.
+        """
+        if self._staged:
+            return False
+        self.synchronize_reads()
+        self.synchronize_writes()
+        for param_id in list(self._resident):
+            self._write(param_id, self._resident.pop(param_id), free_after=True)
+            param = params[param_id]
+            param.ds_tensor.final_location = OffloadDeviceEnum.nvme
+            param.ds_tensor.data = self.invalid_buffer.data
+            param.ds_tensor.status = PartitionedParamStatus.NOT_AVAILABLE
+        self.synchronize_writes()
+        self.pool.recarve(layout.buffers_per_class)
+        self.carving = "planned"
+        for param_id in sorted(layout.cpu_resident):
+            param = params[param_id]
+            self.swap_in([param], async_op=False)
+            self._resident[param_id] = self._staged.pop(param_id)
+            # A host partition from now on: gathered from memory, updated in place by the optimizer.
+            param.ds_tensor.final_location = OffloadDeviceEnum.cpu
+        self.layout = layout
+        self.allocations_at_plan = self.pool.stats().allocations
+        return True
+
+    def restore_partitions(self, params) -> None:
+        """After a checkpoint load pointed these partitions at loaded values (in scratch memory):
+        store each where it lives, NVMe or the CPU tier."""
+        streamed = []
+        for param in params:
+            loaded = param.ds_tensor.data
+            resident = self._resident.get(param.ds_id)
+            if resident is None:
+                streamed.append((param, loaded))
+            else:
+                target = _typed(resident, param.dtype, self._numel[param.ds_id])
+                target.copy_(loaded.view(-1))
+                param.ds_tensor.data = target.data
+        if streamed:
+            self.swap_out_partitioned_params([p for p, _ in streamed], [t.view(-1) for _, t in streamed])
+            self.synchronize_writes()
+            for param, _ in streamed:
+                param.ds_tensor.data = self.invalid_buffer.data
+
+    def pool_stats(self) -> PoolStats:
+        return self.pool.stats()
+
+    # --- internals -------------------------------------------------------------------------------
+
+    def _ensure_training_carving(self) -> None:
+        """After zero.Init has written every partition: carve the warm-up classes."""
+        if self.carving == "init":
+            self.synchronize_writes()
+            self.pool.recarve(warmup_carving(self.partition_bytes.values(), self.capacity,
+                                             self.max_classes, self.alignment))
+            self.carving = "warmup"
+
+    def _acquire(self, param_id: int, spill: bool = False) -> PooledBuffer:
+        """A buffer for a partition; the last write-back's buffers return when its writes end."""
+        nbytes = self.partition_bytes[param_id]
+        try:
+            try:
+                return self.pool.acquire(nbytes, spill)  # its class holds the aligned file bytes too
+            except PoolExhaustedError:
+                self.synchronize_writes()
+                return self.pool.acquire(nbytes, spill)
+        except ValueError as err:  # no class large enough
+            raise TencacheConfigError(
+                f"tencache.cpu_budget = {self.capacity} bytes cannot stage parameter {param_id} "
+                f"({nbytes} bytes with alignment): {err}; raise cpu_budget") from None
+
+    def _read_done(self, param) -> None:
+        buffer = self._staged[param.ds_id]
+        self.files.verify_read(param.ds_id, buffer.view[:self.partition_bytes[param.ds_id]])
+        param.ds_tensor.data = _typed(buffer, param.dtype, self._numel[param.ds_id]).data
+        param.ds_tensor.status = PartitionedParamStatus.AVAILABLE
+
+    def _write(self, param_id: int, buffer: PooledBuffer, free_after: bool) -> None:
+        nbytes = self.partition_bytes[param_id]
+        path = self.files.path(param_id)
+        self.writes.wait_for(path)  # the file's previous write first
+        view = buffer.view[:file_bytes_for(nbytes, self.alignment)]
+        self.files.ensure_space(view.numel())
+        self.files.wrote(param_id, buffer.view[:nbytes], view.numel())
+        self.writes.submit(path, lambda aio: aio.async_pwrite(view, path, 0), path,
+                           functools.partial(self.pool.release, buffer) if free_after
+                           else lambda: None)
+        self.bytes_written += view.numel()
+
+
+def _drain_store(ref: weakref.ref) -> None:
+    store = ref()
+    if store is not None:
+        store.synchronize_reads()
+        store.synchronize_writes()
+
+
+def _swapper_factory(ds_config: DeepSpeedConfig, model_dtype: torch.dtype):
+    """What ``zero.Init`` calls by the upstream swapper's name: ours when the config asks for it."""
+    if ds_config is not None and nvme_tier_active(ds_config._param_dict):
+        return TieredParameterSwapper(ds_config, model_dtype)
+    return AsyncPartitionedParameterSwapper(ds_config, model_dtype)

@@ -12,10 +12,12 @@ have; each remaining (rare) size rounds up to the smallest class that holds it. 
 a handful of distinct weight shapes repeated once per layer, so in practice every size is exact.
 
 **One allocation per tier.** The pool allocates one contiguous buffer (through an allocator the
-caller passes in: DeepSpeed's accelerator pinning in production, plain memory in tests) and carves
-it into per-class free lists. Buffers are returned to their list and reused; a request that finds
-its class exhausted is an error, never a silent new allocation, because the plan sized the pool
-for the most buffers of each class in use at once. Stats record what a benchmark needs.
+caller passes in: DeepSpeed's page-locking async I/O allocator in production, plain memory in
+tests) and carves it into per-class free lists. Buffers are returned to their list and reused; a
+request that finds its class exhausted is an error, never a silent new allocation, because the
+plan sized the pool for the most buffers of each class in use at once. When a new plan needs
+other classes, :meth:`PinnedBufferPool.recarve` divides the *same* allocation anew (nothing may
+be in use then), so a re-plan never pins more memory. Stats record what a benchmark needs.
 """
 
 from __future__ import annotations
@@ -98,30 +100,59 @@ def plain_allocator(nbytes: int) -> torch.Tensor:
 
 
 class PinnedBufferPool:
-    """Fixed per-class free lists carved from one allocation, made once and reused."""
+    """Fixed per-class free lists carved from one allocation, made once and reused.
+
+    ``capacity_bytes`` (default: exactly what the classes need) is the size of the one
+    allocation; a later :meth:`recarve` may use any of it.
+    """
 
     def __init__(self, buffers_per_class: Mapping[int, int], alignment: int = 4096,
-                 allocator: Allocator = plain_allocator) -> None:
-        for size, count in buffers_per_class.items():
-            if size <= 0 or size % alignment or count < 0:
-                raise ValueError(f"class {size} x {count}: sizes must be positive multiples of "
-                                 f"the alignment {alignment}, counts at least 0")
+                 allocator: Allocator = plain_allocator, capacity_bytes: int | None = None) -> None:
         self.alignment = alignment
+        total = self._check(buffers_per_class)
+        capacity = total if capacity_bytes is None else capacity_bytes
+        if total > capacity:
+            raise ValueError(f"the classes need {total} bytes, more than the capacity {capacity}")
+        self._storage = allocator(capacity) if capacity else torch.empty(0, dtype=torch.uint8)
+        if self._storage.numel() < capacity:
+            raise ValueError(f"allocator returned {self._storage.numel()} bytes, {capacity} asked")
+        self._reserved = capacity
+        self._allocations = 1 if capacity else 0
+        self._acquires = 0
+        self._carve(buffers_per_class)
+
+    def _check(self, buffers_per_class: Mapping[int, int]) -> int:
+        for size, count in buffers_per_class.items():
+            if size <= 0 or size % self.alignment or count < 0:
+                raise ValueError(f"class {size} x {count}: sizes must be positive multiples of "
+                                 f"the alignment {self.alignment}, counts at least 0")
+        return sum(size * count for size, count in buffers_per_class.items())
+
+    def _carve(self, buffers_per_class: Mapping[int, int]) -> None:
         self.classes = sorted(size for size, count in buffers_per_class.items() if count)
-        total = sum(size * count for size, count in buffers_per_class.items())
-        self._storage = allocator(total) if total else torch.empty(0, dtype=torch.uint8)
-        if self._storage.numel() < total:
-            raise ValueError(f"allocator returned {self._storage.numel()} bytes, {total} asked")
         self._free: dict[int, list[int]] = {}
         offset = 0
         for size in self.classes:
             self._free[size] = [offset + i * size for i in range(buffers_per_class[size])]
             offset += size * buffers_per_class[size]
-        self._reserved = total
-        self._allocations = 1 if total else 0
         self._in_use = self._requested = 0
         self._peak = self._peak_requested = 0
-        self._acquires = 0
+
+    def recarve(self, buffers_per_class: Mapping[int, int]) -> None:
+        """Divide the same allocation into new classes; peaks restart (they describe one carving).
+
+        Only when no buffer is handed out: a live view into the old carving would overlap new ones.
+        """
+        if self._in_use:
+            raise RuntimeError(f"cannot recarve the pool while {self._in_use} bytes are in use")
+        total = self._check(buffers_per_class)
+        if total > self._reserved:
+            raise ValueError(f"the classes need {total} bytes, more than the pool's {self._reserved}")
+        self._carve(buffers_per_class)
+
+    def buffers_per_class(self) -> dict[int, int]:
+        """Free buffers per class now (all of them when nothing is in use)."""
+        return {size: len(free) for size, free in self._free.items()}
 
     @classmethod
     def for_demand(cls, sizes_in_use_at_once: Iterable[Iterable[int]], max_classes: int,
@@ -137,8 +168,12 @@ class PinnedBufferPool:
                 needed[size] = max(needed[size], count)
         return cls(dict(needed), alignment, allocator)
 
-    def acquire(self, nbytes: int) -> PooledBuffer:
+    def acquire(self, nbytes: int, spill: bool = False) -> PooledBuffer:
+        """A free buffer of the smallest class holding ``nbytes``; with ``spill``, of the smallest
+        larger class that still has one (for short-lived staging, where waste costs nothing)."""
         size = class_of(nbytes, self.classes, self.alignment)
+        if spill and not self._free[size]:
+            size = next((c for c in self.classes if c > size and self._free[c]), size)
         free = self._free[size]
         if not free:
             raise PoolExhaustedError(

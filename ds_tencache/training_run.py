@@ -29,6 +29,8 @@ class TrainingResult:
     # per-step tencache records (None when the run had no active tencache block)
     tencache_steps: list[StepMetrics] | None = None
     plans_built: int = 0
+    # pinned-memory figures of the NVMe parameter swapper (None without NVMe offload)
+    host_tier: dict[str, Any] | None = None
 
 
 def ensure_single_process_env() -> None:
@@ -58,7 +60,7 @@ def train(model_dir: Path, ds_config: dict[str, Any], steps: int, seq_len: int =
     from deepspeed.accelerator import get_accelerator
     from transformers import AutoModelForCausalLM
 
-    from ds_tencache.deepspeed_hooks import tencache_controller
+    from ds_tencache.deepspeed_hooks import host_tier_figures, tencache_controller
     from tiny_llama import causal_lm_batches
 
     ensure_single_process_env()
@@ -93,5 +95,6 @@ def train(model_dir: Path, ds_config: dict[str, Any], steps: int, seq_len: int =
         controller.finish(time.perf_counter())
         result.tencache_steps = list(controller.reporter.history)
         result.plans_built = controller.plans_built
+    result.host_tier = host_tier_figures(engine)
     engine.destroy()
     return result

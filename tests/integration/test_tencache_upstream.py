@@ -65,3 +65,30 @@ def test_activation_points_still_exist():
     hooks = inspect.getsource(DeepSpeedZeRoOffload)
     assert "self.param_coordinator.fetch_sub_module" not in hooks
     assert hooks.count("self.get_param_coordinator()") >= 4
+
+
+def test_swapper_interface_we_replace_keeps_its_signatures():
+    """TieredParameterSwapper overrides each upstream method ZeRO-3 calls, with the same arguments,
+    and zero.Init still builds its swapper by the name the adapter binds."""
+    from deepspeed.runtime.swap_tensor.partitioned_param_swapper import AsyncPartitionedParameterSwapper
+    from deepspeed.runtime.zero import partition_parameters
+
+    from ds_tencache.deepspeed_hooks import SWAPPER_METHODS, TieredParameterSwapper
+
+    upstream = _method_arguments(AsyncPartitionedParameterSwapper)
+    ours = _method_arguments(TieredParameterSwapper)
+    assert _parameters(AsyncPartitionedParameterSwapper.__init__) == ["self", "ds_config", "model_dtype"]
+    for method in SWAPPER_METHODS:
+        assert method in upstream, f"upstream swapper has no {method} any more"
+        assert ours[method][:len(upstream[method])] == upstream[method], method
+    init_source = inspect.getsource(partition_parameters.Init.__init__)
+    assert "AsyncPartitionedParameterSwapper(_ds_config, self.dtype)" in init_source
+
+
+def test_checkpoint_restore_point_still_exists():
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+    methods = _method_arguments(DeepSpeedZeroOptimizer_Stage3)
+    assert methods["_rigid_load_state_dict"] == ["self", "state_dict", "load_optimizer_states"]
+    source = inspect.getsource(DeepSpeedZeroOptimizer_Stage3._rigid_load_state_dict)
+    assert "fp16_param.data.copy_(fp32_param.data)" in source  # the step that needs a host buffer

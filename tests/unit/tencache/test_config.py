@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from ds_tencache.config import TencacheConfigError, from_ds_config, parse_block
+from ds_tencache.config import TencacheConfigError, from_ds_config, nvme_tier_active, parse_block
 
 pytestmark = pytest.mark.unit
 
@@ -80,6 +80,23 @@ def test_nvme_tier_needs_a_folder():
     assert from_ds_config(ds_config({"nvme_path": "/tmp/y"}, offload={"device": "nvme"})).nvme_path == "/tmp/y"
 
 
+def test_nvme_tier_is_active_only_with_nvme_parameter_offload():
+    nvme = {"device": "nvme", "nvme_path": "/tmp/x"}
+    assert nvme_tier_active(ds_config({}, offload=nvme))
+    assert not nvme_tier_active(ds_config({"nvme_tier": False}, offload=nvme))
+    assert not nvme_tier_active(ds_config({}, offload={"device": "cpu"}))
+    assert not nvme_tier_active(ds_config(None, offload=nvme))  # no block: stock swapper
+
+
+def test_nvme_tier_beside_an_nvme_optimizer_is_refused_clearly():
+    config = ds_config({}, offload={"device": "nvme", "nvme_path": "/tmp/x"})
+    config["zero_optimization"]["offload_optimizer"] = {"device": "nvme", "nvme_path": "/tmp/x"}
+    with pytest.raises(TencacheConfigError, match="does not yet work beside offload_optimizer.device"):
+        from_ds_config(config)
+    config["tencache"] = {"nvme_tier": False}
+    assert from_ds_config(config) is not None
+
+
 def test_block_in_the_wrong_place_says_where_it_goes():
     config = ds_config(offload={"device": "cpu", "tencache": {}})
     with pytest.raises(TencacheConfigError, match="inside zero_optimization.offload_param; move it"):
@@ -97,5 +114,5 @@ def test_unreadable_file_is_a_clear_error(tmp_path):
 
 def test_tier_settings_are_reported_when_given():
     assert parse_block({"device_budget": 10}).tier_settings_given() == []
-    given = parse_block({"cpu_budget": "1GiB", "pool": {"max_size_classes": 4}})
-    assert given.tier_settings_given() == ["cpu_budget", "pool"]
+    given = parse_block({"cpu_budget": "1GiB", "pool": {"max_size_classes": 4}, "nvme_tier": True})
+    assert given.tier_settings_given() == ["nvme_tier", "cpu_budget", "pool"]

@@ -106,3 +106,24 @@ def test_bad_classes_are_rejected():
         PinnedBufferPool({1000: 1}, ALIGN)
     with pytest.raises(ValueError, match="max_classes must be at least 1"):
         size_classes([1], 0, ALIGN)
+
+
+def test_recarve_divides_the_same_allocation_and_refuses_while_in_use():
+    allocations = []
+
+    def counting_allocator(nbytes):
+        allocations.append(nbytes)
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+    pool = PinnedBufferPool({16384: 2}, ALIGN, counting_allocator, capacity_bytes=40960)
+    held = pool.acquire(10000)
+    with pytest.raises(RuntimeError, match="in use"):
+        pool.recarve({4096: 10})
+    pool.release(held)
+    with pytest.raises(ValueError, match="more than the pool's 40960"):
+        pool.recarve({8192: 6})
+    pool.recarve({4096: 4, 8192: 3})
+    assert pool.buffers_per_class() == {4096: 4, 8192: 3}
+    offsets = {pool.acquire(4096).offset for _ in range(4)} | {pool.acquire(8000).offset for _ in range(3)}
+    assert len(offsets) == 7 and max(offsets) + 8192 <= 40960  # disjoint, inside the allocation
+    assert allocations == [40960] and pool.stats().allocations == 1
