@@ -2,33 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
 from ds_tencache.sim import Trace
 
 pytestmark = pytest.mark.unit
 
-ROOT = Path(__file__).resolve().parents[3]
 # A memcpy so fast that the modelled transfers vanish (20 bytes at 1e15 B/s), so the split
 # below is checked against round numbers.
 INSTANT_MEMCPY_BYTES_PER_S = 1e15
 # Parameters A (0) and B (1) of 10 elements each, 1 byte per element: forward A, B; backward B, A.
 TOKENLESS = Trace(groups=[(0,), (1,), (1,), (0,)], backward=[False, False, True, True],
                   flops=[1.0] * 4, numel={0: 10, 1: 10}, nbytes={0: 10, 1: 10})
-
-
-@pytest.fixture(scope="module")
-def sim_bench():
-    spec = importlib.util.spec_from_file_location("tencache_sim", ROOT / "benchmarks" / "tencache_sim.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["tencache_sim"] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules["tencache_sim"]
 
 
 def test_zero3_cost_splits_into_per_group_and_per_fetch(sim_bench, monkeypatch):

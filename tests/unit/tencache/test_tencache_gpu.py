@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -13,15 +12,6 @@ pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[3]
 
-
-@pytest.fixture(scope="module")
-def gpu_bench():
-    spec = importlib.util.spec_from_file_location("tencache_gpu", ROOT / "benchmarks" / "tencache_gpu.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["tencache_gpu"] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules["tencache_gpu"]
 
 
 # Two GPUs as nvidia-smi prints them with --format=csv,noheader,nounits (memory in MiB).
