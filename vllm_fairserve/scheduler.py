@@ -30,20 +30,20 @@ How each part of vLLM's scheduler is bound (the upstream methods overridden are 
   charged at most once: positions the prefix cache served are not computed and not charged,
   and the recomputation after a preemption (the prompt again, plus the earlier output replayed
   as prefill) is not charged either. The victim's tenant did not ask for that work; the
-  scheduler chose it, and it chose the tenant already furthest ahead, so charging again would
-  punish it twice. Output tokens are charged once each, when generated (a stale output that
+  scheduler chose it to get memory back, so charging again would punish the tenant for the
+  engine's choice. Output tokens are charged once each, when generated (a stale output that
   vLLM delivers after a preemption was generated, so it is charged; one vLLM drops is not).
   Output tokens also count toward the throttle's usage window; prompts are counted there by the
   throttle itself when a request is admitted.
 - **Preemption victim.** vLLM 0.32 picks the FCFS victim inline in ``schedule()`` as
   ``self.running[-1]`` (then ``self.running.pop()``), with no hook. Counters only change in
-  ``update_from_output``, never during ``schedule()``, so ordering ``self.running`` by ascending
-  counter just before each ``schedule()`` makes every one of those picks the running request of
-  the tenant with the highest counter (of its requests, the one with the least KV computed,
-  whose recomputation wastes least: ``preemption_order`` in counters.py, the simulator's
-  victim too). The same order serves running requests lowest counter first when the token
-  budget is short. vLLM's ``priority`` policy picks victims differently, so it is refused at
-  construction.
+  ``update_from_output``, never during ``schedule()``, so ordering ``self.running`` by
+  ``preemption_order`` (counters.py, the simulator's victim too) just before each
+  ``schedule()`` makes every one of those picks the running request with the least KV
+  computed, whose recomputation wastes least, and among equals that of the tenant with the
+  highest counter. The same order serves running requests most computed first when the token
+  budget is short, much as vLLM's admission order does. vLLM's ``priority`` policy picks
+  victims differently, so it is refused at construction.
 - **Joining the running batch** (the throttle's headroom and eviction rules, the simulator's
   ``may_join`` and ``make_room``). vLLM admits waiting requests after it has scheduled the
   running ones, and a request scheduled in a step cannot be preempted in it, so the two rules
@@ -301,7 +301,7 @@ class FairScheduler(Scheduler):
         now = self.clock()
         if self._held:
             self._release_and_expire(now)
-        self._order_running_by_counter()
+        self._order_running_for_preemption()
         self._evict_for_waiting_head(now)
         self.waiting.admission_gate = self._may_join_batch
         self._gate_now = now
@@ -314,10 +314,10 @@ class FairScheduler(Scheduler):
             self.publish_metrics()
         return output
 
-    def _order_running_by_counter(self) -> None:
+    def _order_running_for_preemption(self) -> None:
         """Sort by ``preemption_order`` (stable: ties keep admission order), so vLLM's inline FCFS
-        victim ``running[-1]`` is the simulator's victim: the request of the highest-counter
-        tenant, of its requests the one with the least KV computed."""
+        victim ``running[-1]`` is the simulator's victim: the request with the least KV
+        computed, among equals that of the highest-counter tenant."""
         if len(self.running) < 2:
             return
         counter = self.counters.counter

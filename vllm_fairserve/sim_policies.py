@@ -256,8 +256,9 @@ class FairServePolicy(_CounterPolicy):
     - A tenant is deactivated once it has nothing waiting and nothing running, so it is lifted
       when it comes back (VTC's lift over active tenants).
     - The victim of a preemption is the last running request in ``preemption_order``
-      (counters.py), the order ``FairScheduler`` sorts vLLM's running list by: the running
-      tenant with the highest counter, of its requests the one with the least KV computed.
+      (counters.py), the order ``FairScheduler`` sorts vLLM's running list by: the request
+      with the least KV computed (cheapest to recompute), among equals that of the tenant with
+      the highest counter.
     - Joining the batch goes through the throttle's headroom and eviction rules
       (``Throttle.may_join_batch``, ``Throttle.admission_victims``) with the time of the step's
       start, as the scheduler adapter passes its clock.

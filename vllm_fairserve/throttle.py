@@ -48,8 +48,9 @@ over-allowance traffic yet free for everyone else:
 - Eviction (``admission_victims``). When the waiting request next in fair order is in its
   allowance and cannot get its KV blocks, running requests of over-allowance pairs whose tenant
   has a higher service counter are preempted (recomputed later, never lost) to make room:
-  highest counter first, and of a tenant's requests the one with the least KV computed, whose
-  recomputation wastes the least (then the last admitted, as vLLM's victim). This is the fair queue's own rule (serve the lowest counter)
+  the one with the least KV computed first, whose recomputation wastes the least, then the
+  highest counter, then the last admitted, as vLLM's victim (``preemption_order``, counters.py).
+  This is the fair queue's own rule (serve the lowest counter)
   carried over to memory; it only ever evicts traffic the throttle would hold, and only when
   evicting frees enough for the waiting request, so no work is thrown away for nothing.
 
@@ -338,7 +339,7 @@ class Throttle:
         ``blocks_short`` KV blocks it lacks (the eviction rule, see the module docstring).
 
         Candidates are requests of over-allowance pairs whose tenant's counter is above
-        ``waiting_counter``, taken highest counter first, then least KV computed, then latest
+        ``waiting_counter``, taken least KV computed first, then highest counter, then latest
         in ``running`` (pass it in admission order: vLLM's own victim is the last admitted);
         the shortest such prefix that frees ``blocks_short`` is returned. The
         list is empty when the waiting request is itself over its allowance, when nothing is

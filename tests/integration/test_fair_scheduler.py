@@ -417,19 +417,21 @@ def test_counter_lift_and_deactivation(tiny_model_dir):
 
 
 def _fill_kv_then_grow(driver):
-    # 8 usable blocks of 16 tokens: tenant a's 44-token prompts take 3 each, b's 8-token prompts
-    # 1 each (b never needs a second). a's fifth decode needs a fourth block, which only a
-    # preemption can free. a's long prompts give it the higher counter by then (under async
-    # scheduling too, where a decision sees the counters of the step before the one in flight).
-    driver.add(make_request("a1", tenant="a", prompt_tokens=44, max_tokens=8),
-               make_request("a2", tenant="a", prompt_tokens=44, max_tokens=8),
-               make_request("b1", tenant="b", prompt_tokens=8, max_tokens=8),
-               make_request("b2", tenant="b", prompt_tokens=8, max_tokens=8))
+    # 8 usable blocks of 16 tokens: tenant b's 8-token prompts take 1 each (b never needs a
+    # second), tenant a's 44-token prompts 3 each. a's fifth decode needs a fourth block, which
+    # only a preemption can free. b is admitted first, so vLLM's own victim (the last admitted)
+    # is one of a's requests, which have computed 49 tokens by then; b's have computed 13 and
+    # a's long prompts give a the higher counter (under async scheduling too, where a decision
+    # sees the counters of the step before the one in flight).
+    driver.add(make_request("b1", tenant="b", prompt_tokens=8, max_tokens=8),
+               make_request("b2", tenant="b", prompt_tokens=8, max_tokens=8),
+               make_request("a1", tenant="a", prompt_tokens=44, max_tokens=8),
+               make_request("a2", tenant="a", prompt_tokens=44, max_tokens=8))
     driver.run()
 
 
 @MODES
-def test_preemption_victim_is_from_the_tenant_with_the_highest_counter(tiny_model_dir, mode):
+def test_preemption_victim_is_the_request_cheapest_to_recompute(tiny_model_dir, mode):
     from vllm.v1.core.sched.async_scheduler import AsyncScheduler
     from vllm.v1.core.sched.scheduler import Scheduler
 
@@ -438,16 +440,18 @@ def test_preemption_victim_is_from_the_tenant_with_the_highest_counter(tiny_mode
     stock = Driver(build(tiny_model_dir, cls=stock_cls, async_scheduling=(mode == "async"), **options),
                    pipelined=(mode == "async"))
     _fill_kv_then_grow(stock)
-    assert stock.preempted and set(stock.preempted) <= {"b1", "b2"}  # FCFS: the newest, the light tenant
+    assert stock.preempted and set(stock.preempted) <= {"a1", "a2"}  # FCFS: the newest, 49 tokens computed
 
     scheduler, driver = build_mode(tiny_model_dir, mode, **options)
     _fill_kv_then_grow(driver)
-    assert driver.preempted and set(driver.preempted) <= {"a1", "a2"}, driver.preempted
+    # FairScheduler: the least computed, though tenant a's counter is the higher one.
+    assert driver.preempted and set(driver.preempted) <= {"b1", "b2"}, driver.preempted
+    assert scheduler.counters.counter("a") > scheduler.counters.counter("b")
     assert len(driver.finished) == 4
     # The preempted request recomputed its prompt (and output so far) after resuming; it is
     # charged once: every prompt token once, every output token once.
-    service = scheduler.counters.service("a")
-    assert (service.input_tokens, service.output_tokens) == (88, 16)
+    service = scheduler.counters.service("b")
+    assert (service.input_tokens, service.output_tokens) == (16, 16)
 
 
 # ------------------------------------------- joining the batch: headroom and eviction rules

@@ -197,8 +197,13 @@ def _check_min_active(operations):
         assert counters.min_active() == brute
 
 
-def test_preemption_order_puts_the_highest_counter_then_least_computed_last():
+def test_preemption_order_puts_the_least_computed_then_highest_counter_last():
     # (name, tenant counter, computed tokens) in admission order.
-    running = [("a_long", 5.0, 300), ("b", 1.0, 10), ("a_short", 5.0, 20), ("a_short_later", 5.0, 20)]
+    running = [("a_long", 5.0, 300), ("b", 1.0, 20), ("a_short", 5.0, 20), ("a_short_later", 5.0, 20),
+               ("c_fresh", 0.5, 4)]
     ordered = sorted(running, key=lambda item: preemption_order(item[1], item[2]))  # stable, as vLLM's list
-    assert [name for name, *_ in ordered] == ["b", "a_long", "a_short", "a_short_later"]
+    # The victim (last) is the cheapest to recompute, whatever its tenant's counter; among equal
+    # costs the highest counter, then the last admitted; the long request goes last of all.
+    assert [name for name, *_ in ordered] == ["a_long", "b", "a_short", "a_short_later", "c_fresh"]
+    without_fresh = sorted(running[:4], key=lambda item: preemption_order(item[1], item[2]))
+    assert without_fresh[-1][0] == "a_short_later"

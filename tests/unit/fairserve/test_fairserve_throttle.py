@@ -452,27 +452,37 @@ def running(name, identity, counter, blocks, computed):
     return RunningRequest(name, identity, counter, blocks, computed)
 
 
-def test_eviction_takes_over_allowance_requests_highest_counter_then_least_computed():
+def test_eviction_takes_over_allowance_requests_least_computed_then_highest_counter():
     throttle = Throttle(CONFIG)
     flood, other = over_allowance_chat(throttle, "flood"), over_allowance_chat(throttle, "other")
     batch = [
-        running("honest", chat("bob"), counter=900.0, blocks=50, computed=800),  # in allowance: never
+        running("honest", chat("bob"), counter=900.0, blocks=50, computed=8),  # in allowance: never
         running("flood-old", flood, counter=500.0, blocks=10, computed=160),
         running("flood-new", flood, counter=500.0, blocks=4, computed=64),
         running("other", other, counter=300.0, blocks=20, computed=300),
-        running("behind", over_allowance_chat(throttle, "behind"), counter=90.0, blocks=99, computed=10),
+        running("other-fresh", other, counter=300.0, blocks=2, computed=16),
+        running("behind", over_allowance_chat(throttle, "behind"), counter=90.0, blocks=99, computed=1),
     ]
     evict = throttle.admission_victims
     # The waiting tenant's counter is 100: "behind" (90) is not ahead of it, so never a victim.
-    assert evict(chat("carol"), 100.0, 3, batch, 0.0) == ["flood-new"]
-    assert evict(chat("carol"), 100.0, 14, batch, 0.0) == ["flood-new", "flood-old"]
-    assert evict(chat("carol"), 100.0, 15, batch, 0.0) == ["flood-new", "flood-old", "other"]
-    # All candidates free 34 blocks: not enough for 35, so nobody's work is thrown away.
-    assert evict(chat("carol"), 100.0, 35, batch, 0.0) == []
+    # The cheapest recomputation goes first, though its tenant's counter is the lower one.
+    assert evict(chat("carol"), 100.0, 2, batch, 0.0) == ["other-fresh"]
+    assert evict(chat("carol"), 100.0, 3, batch, 0.0) == ["other-fresh", "flood-new"]
+    assert evict(chat("carol"), 100.0, 16, batch, 0.0) == ["other-fresh", "flood-new", "flood-old"]
+    assert evict(chat("carol"), 100.0, 17, batch, 0.0) == ["other-fresh", "flood-new", "flood-old", "other"]
+    # All candidates free 36 blocks: not enough for 37, so nobody's work is thrown away.
+    assert evict(chat("carol"), 100.0, 37, batch, 0.0) == []
     assert evict(chat("carol"), 100.0, 0, batch, 0.0) == []  # nothing short
     assert evict(chat("carol"), 400.0, 4, batch, 0.0) == ["flood-new"]  # "other" is behind 400
     # An over-allowance request never evicts anyone.
     assert evict(flood, 100.0, 3, batch, 0.0) == []
+
+
+def test_eviction_breaks_equal_costs_by_the_highest_counter():
+    throttle = Throttle(CONFIG)
+    batch = [running("low", over_allowance_chat(throttle, "low"), counter=200.0, blocks=4, computed=64),
+             running("high", over_allowance_chat(throttle, "high"), counter=700.0, blocks=4, computed=64)]
+    assert throttle.admission_victims(chat("carol"), 100.0, 4, batch, 0.0) == ["high"]
 
 
 REQUESTS = st.lists(
@@ -504,7 +514,8 @@ def test_eviction_frees_enough_by_evicting_only_over_allowance_tenants_ahead(req
     freed = sum(r.kv_blocks for r in chosen)
     assert freed >= short
     assert freed - chosen[-1].kv_blocks < short  # the shortest prefix: no victim too many
-    # Highest counter first; every eligible request left out ranks after the last victim.
-    rank = [(-r.counter, r.computed_tokens, -r.ref) for r in chosen]
+    # Least computed first, then highest counter, then last admitted; every eligible request
+    # left out ranks after the last victim.
+    rank = [(r.computed_tokens, -r.counter, -r.ref) for r in chosen]
     assert rank == sorted(rank)
-    assert all((-r.counter, r.computed_tokens, -r.ref) > rank[-1] for r in eligible if r.ref not in victims)
+    assert all((r.computed_tokens, -r.counter, -r.ref) > rank[-1] for r in eligible if r.ref not in victims)
