@@ -26,13 +26,15 @@ with "param N already assigned swap buffer id M" (its prefetch and its NVMe swap
 buffer). Its swap buffers are ``buffer_count`` x ``buffer_size`` with ``buffer_size`` the largest
 parameter, the least stock accepts.
 
-Equal host memory in this mode: stock holds parameters in pinned host memory in two places, its
-swap slots and the partitions under 1 MiB that it never swaps (pinned, ``pin_memory: true``).
-tencache's whole pool (``cpu_budget``: CPU-tier residents and NVMe staging buffers together) gets
-exactly the sum of the two, so the rest of the model lives on NVMe and is read back every step.
-Stock also pins a write-back buffer as large as its largest optimizer sub-group (here the whole
-model) for the optimizer step; tencache streams that write-back through its pool instead, so the
-comparison leaves it out of the budget and reports it (``pinned_bytes_reserved_with_write_back``).
+Equal host memory in this mode: stock holds parameters between uses in pinned host memory in two
+places, its swap slots and the partitions under 1 MiB that it never swaps (pinned, ``pin_memory:
+true``). tencache's whole pool (``cpu_budget``: CPU-tier residents and NVMe staging buffers
+together) gets exactly the sum of the two, so the rest of the model lives on NVMe and is read back
+every step. Stock also pins a write-back buffer as large as its largest optimizer sub-group (here
+the whole model) for the optimizer step; tencache streams that write-back through its pool
+instead. ``pinned_bytes_reserved`` is every pinned byte a side holds for parameters (stock: slots,
+write-back buffer and pinned partitions, each also reported); utilisation is the in-use peak over
+the reserved bytes of the pool (stock: its slots, sampled at every fetch).
 """
 
 from __future__ import annotations
@@ -181,7 +183,8 @@ def summarise(runs: list[dict], measured: dict | None) -> dict:
         "allocations_after_warmup": tier.get("allocations_after_warmup"),
         "bytes_read_nvme_per_step": runs[0]["bytes_read_nvme_per_step"],
         "peak_rss_bytes": max(run["peak_rss_bytes"] for run in runs),
-        **{key: watched.get(key) for key in ("utilisation", "pinned_bytes_reserved_with_write_back",
+        **{key: watched.get(key) for key in ("utilisation", "pinned_swap_slot_bytes",
+                                             "pinned_write_back_bytes", "pinned_partition_bytes",
                                              "cpu_resident_bytes", "device_budget_bytes")
            if key in watched},
     }
@@ -218,6 +221,34 @@ def plot(result: dict, runs: dict[str, list[dict]], path: Path) -> None:
     cpu = result["modes"]["cpu"]
     fig.suptitle(f"{result['model']['size']}: tencache/stock step time {cpu['step_time_ratio']:.2f}, "
                  f"hit rate {cpu['tencache']['hit_rate']:.3f} vs {cpu['stock']['hit_rate']:.3f}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def plot_pool(result: dict, path: Path) -> None:
+    """Pinned bytes reserved against the most in use at once, per side (NVMe mode)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    nvme = result["modes"]["nvme"]
+    stock, ours = nvme["stock"], nvme["tencache"]
+    bars = [("stock: swap slots", stock["pinned_swap_slot_bytes"], stock["pinned_bytes_used_peak"]),
+            ("stock: all pinned for parameters\n(slots, write-back, partitions < 1 MiB)",
+             stock["pinned_bytes_reserved"], None),
+            ("tencache: pool (everything)", ours["pinned_bytes_reserved"],
+             ours["pinned_bytes_used_peak"])]
+    fig, axis = plt.subplots(figsize=(8, 4))
+    names = [name for name, *_ in bars]
+    axis.barh(names, [(reserved or 0) / 2**20 for _, reserved, _ in bars], color="#bbbbbb",
+              label="reserved")
+    axis.barh(names, [(used or 0) / 2**20 for _, _, used in bars], height=0.4, color="#1f77b4",
+              label="in use at peak")
+    axis.set(xlabel="MiB pinned", title=f"NVMe offload, {result['model']['size']} model (bf16)\n"
+             f"utilisation: tencache pool {ours.get('utilisation', 0):.2f}, stock slots "
+             f"{stock.get('utilisation') or 0:.2f}")
+    axis.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -289,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     if "cpu" in runs:
         plot(result, runs["cpu"], args.out.with_suffix(".png"))
+    if "nvme" in runs:
+        plot_pool(result, args.out.with_name(args.out.stem + "_pool.png"))
     print_table(result, args)
     return 0
 
@@ -310,6 +343,18 @@ def print_table(result: dict, args: argparse.Namespace) -> None:
                   f"{row['hit_rate']:>10.3f}{row['fetch_wait_s_per_step'] * 1e3:>9.2f} ms"
                   f"{'-' if nvme is None else f'{nvme / 2**20:.1f} MiB':>16}"
                   f"{row['peak_rss_bytes'] / 2**20:>8.0f} MiB")
+    nvme = result["modes"]["nvme"]
+    if nvme:
+        stock, ours = nvme["stock"], nvme["tencache"]
+        print(f"nvme: step time ratio tencache/stock (median of {args.repeats} back-to-back pairs): "
+              f"{nvme['step_time_ratio']:.3f}; losses identical: {nvme['losses_identical']}; pinned "
+              f"reserved {ours['pinned_bytes_reserved'] / 2**20:.1f} MiB against stock's "
+              f"{stock['pinned_bytes_reserved'] / 2**20:.1f} MiB (slots "
+              f"{stock['pinned_swap_slot_bytes'] / 2**20:.1f}, write-back "
+              f"{stock['pinned_write_back_bytes'] / 2**20:.1f}, partitions under 1 MiB "
+              f"{stock['pinned_partition_bytes'] / 2**20:.1f}); pool utilisation "
+              f"{ours['utilisation']:.3f} (stock's slots {stock['utilisation']:.3f}); allocations "
+              f"after warm-up {ours['allocations_after_warmup']}")
     cpu = result["modes"]["cpu"]
     if cpu:
         print(f"cpu: step time ratio tencache/stock (median of {args.repeats} back-to-back pairs): "

@@ -309,13 +309,19 @@ def host_tier_figures(engine: Any) -> dict[str, Any] | None:
         extra = swapper.partitioned_swap_buffer
         write_back = 0 if extra is None else extra.numel() * extra.element_size()
         sampled = isinstance(coordinator, TencacheCoordinator)
+        # Partitions never swapped (under 1 MiB, or within max_in_cpu) stay in host memory,
+        # pinned when offload_param.pin_memory is set.
         in_memory = sum(p.ds_tensor.ds_numel * p.ds_tensor.element_size()
                         for p in engine.module.parameters()
                         if getattr(p.ds_tensor, "final_location", None) != OffloadDeviceEnum.nvme)
+        pinned_partitions = in_memory if engine.zero_offload_param().pin_memory else 0
         return {
-            "pinned_bytes_reserved": slots,  # the fixed slots: what the NVMe tier's budget matches
-            "host_resident_bytes": in_memory,  # partitions never swapped (under 1 MiB, max_in_cpu)
-            "pinned_bytes_reserved_with_write_back": slots + write_back,
+            # every pinned byte stock holds for parameters: slots, write-back buffer, partitions
+            "pinned_bytes_reserved": slots + write_back + pinned_partitions,
+            "pinned_swap_slot_bytes": slots,
+            "pinned_write_back_bytes": write_back,
+            "pinned_partition_bytes": pinned_partitions,
+            # the fixed slots are stock's pool: their in-use peak is sampled at every fetch
             "pinned_bytes_used_peak": coordinator.stock_swap_peak_bytes if sampled else None,
             "utilisation": coordinator.stock_swap_peak_bytes / slots if sampled else None,
         }
