@@ -15,6 +15,9 @@ Four kinds of run per mode:
 - ``stock_default``: the same with DeepSpeed's defaults (1e9 elements live, so it holds the whole
   model): recorded for reference as ``stock_default_step_time_median_s``;
 - ``tencache``: ``ds_tencache.initialize`` with the block;
+- ``host_memory`` (nvme mode only): stock with the same bf16 model kept in host memory
+  (``offload_param.device: "cpu"``), no NVMe at all: the floor any NVMe policy can approach,
+  recorded as ``host_memory_step_time_median_s``;
 - ``stock_measured``: the tencache coordinator kept in its profiling phase for the whole run,
   which executes stock ZeRO-3's code paths unchanged and counts hits and waits: stock's hit rate
   and fetch wait come from here, its step times from the uninstrumented ``stock`` runs.
@@ -88,7 +91,9 @@ def run_config(mode: str, side: str, budget: int, steps: int, largest_numel: int
                                  "max_in_cpu": 0, "buffer_count": STOCK_SWAP_BUFFERS,
                                  "buffer_size": largest_numel}
         zero["stage3_prefetch_bucket_size"] = 0
-    if side in ("stock", "stock_measured"):
+        if side == "host_memory":
+            zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    if side in ("stock", "stock_measured", "host_memory"):
         # Equal device memory: stock may keep at most the budget live (prefetch limit) and
         # releases what is not reused within it (stock's own two knobs, in elements).
         zero["stage3_max_live_parameters"] = budget // itemsize(mode)
@@ -130,8 +135,8 @@ def worker(mode: str, side: str, size: str, steps: int, out: Path) -> None:
     config = run_config(mode, side, budget, steps, largest, swap_dir, cpu_budget)
     read_before = storage_read_bytes()
     result = train(model_dir, config, steps=steps,
-                   initialize=None if side.startswith("stock") and side != "stock_measured"
-                   else ds_tencache.initialize)
+                   initialize=ds_tencache.initialize if side in ("tencache", "stock_measured")
+                   else None)
     nvme_read = storage_read_bytes() - read_before
     records = result.tencache_steps or []
     measured = [m for m in records if m.step >= WARMUP_STEPS]
@@ -260,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="runs per side, interleaved")
     parser.add_argument("--out", type=Path, default=RESULTS / "tencache_train.json")
     parser.add_argument("--modes", default="cpu,nvme", help="comma-separated: cpu, nvme")
-    parser.add_argument("--worker", choices=("stock", "tencache", "stock_default", "stock_measured"),
+    parser.add_argument("--worker", choices=("stock", "tencache", "stock_default", "stock_measured",
+                                             "host_memory"),
                         help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=("cpu", "nvme"), default="cpu", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -277,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     scratch = args.out.parent / ".scratch"
     scratch.mkdir(parents=True, exist_ok=True)
     plan = {"cpu": [s for _ in range(args.repeats) for s in SIDES] + ["stock_default", "stock_measured"],
-            "nvme": [s for _ in range(args.repeats) for s in SIDES] + ["stock_measured"]}
+            "nvme": [s for _ in range(args.repeats) for s in SIDES] + ["host_memory", "stock_measured"]}
     order = [(mode, side) for mode in modes for side in plan[mode]]
     runs = {mode: {side: [] for side in plan[mode]} for mode in modes}
     for mode, side in tqdm(order, desc="training runs", unit="run"):
@@ -315,7 +321,9 @@ def main(argv: list[str] | None = None) -> int:
             "tencache": summarise(nvme_runs["tencache"], None),
             "step_time_ratio": paired_ratio(nvme_runs["stock"], nvme_runs["tencache"]),
             "losses_identical": all(r["losses"] == nvme_runs["stock"][0]["losses"]
-                                    for r in nvme_runs["tencache"] + nvme_runs["stock"])}
+                                    for r in nvme_runs["tencache"] + nvme_runs["stock"]),
+            "host_memory_step_time_median_s":
+                summarise(nvme_runs["host_memory"], None)["step_time_median_s"]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     if "cpu" in runs:
@@ -354,7 +362,9 @@ def print_table(result: dict, args: argparse.Namespace) -> None:
               f"{stock['pinned_write_back_bytes'] / 2**20:.1f}, partitions under 1 MiB "
               f"{stock['pinned_partition_bytes'] / 2**20:.1f}); pool utilisation "
               f"{ours['utilisation']:.3f} (stock's slots {stock['utilisation']:.3f}); allocations "
-              f"after warm-up {ours['allocations_after_warmup']}")
+              f"after warm-up {ours['allocations_after_warmup']}; the same model in host memory "
+              f"(no NVMe): {nvme['host_memory_step_time_median_s'] * 1e3:.1f} ms = "
+              f"{nvme['host_memory_step_time_median_s'] / stock['step_time_median_s']:.3f}x stock")
     cpu = result["modes"]["cpu"]
     if cpu:
         print(f"cpu: step time ratio tencache/stock (median of {args.repeats} back-to-back pairs): "
