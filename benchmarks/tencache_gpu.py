@@ -125,19 +125,6 @@ class PeakMemorySampler:
         self._sample()  # one reading after the run, so a run shorter than the interval counts
 
 
-def run_order(modes: list[str], repeats: int) -> list[tuple[str, str]]:
-    """(mode, side) in the order ``tencache_train.py`` runs them: stock and tencache alternating,
-    then one ``stock_measured`` run for stock's hit rate; the nvme mode has no tencache side yet."""
-    order = []
-    for mode in modes:
-        if mode == "cpu":
-            order += [(mode, side) for _ in range(repeats) for side in tencache_train.SIDES]
-        else:
-            order += [(mode, "stock")] * repeats
-        order.append((mode, "stock_measured"))
-    return order
-
-
 def measure(modes: list[str], size: str, steps: int, repeats: int, gpu_index: int,
             scratch: Path) -> tuple[dict, dict]:
     """Every run of the plan, each under a memory sampler: runs by mode and side, and the peak
@@ -147,7 +134,9 @@ def measure(modes: list[str], size: str, steps: int, repeats: int, gpu_index: in
     idle = next(r for r in query_gpus() if r.index == gpu_index).used_bytes
     runs: dict = {mode: {} for mode in modes}
     held: dict = {mode: {} for mode in modes}
-    for mode, side in tqdm(run_order(modes, repeats), desc="GPU training runs", unit="run"):
+    # The A/B and stock's instrumented run; the CPU benchmark's reference runs add nothing here.
+    plan = tencache_train.run_plan(modes, repeats, references=False)
+    for mode, side in tqdm(plan, desc="GPU training runs", unit="run"):
         with PeakMemorySampler(gpu_index) as sampler:
             run = tencache_train.spawn(mode, side, size, steps, scratch)
         runs[mode].setdefault(side, []).append(run)

@@ -195,6 +195,22 @@ def summarise(runs: list[dict], measured: dict | None) -> dict:
     }
 
 
+# Per mode, the runs beside the A/B that set it in context (see the module doc).
+REFERENCE_SIDES = {"cpu": ("stock_default",), "nvme": ("host_memory",)}
+
+
+def run_plan(modes: list[str], repeats: int, references: bool = True) -> list[tuple[str, str]]:
+    """(mode, side) in run order: stock and tencache alternating ``repeats`` times, then the
+    reference runs (unless ``references`` is false), then one ``stock_measured`` run."""
+    order = []
+    for mode in modes:
+        order += [(mode, side) for _ in range(repeats) for side in SIDES]
+        if references:
+            order += [(mode, side) for side in REFERENCE_SIDES[mode]]
+        order.append((mode, "stock_measured"))
+    return order
+
+
 def paired_ratio(stock: list[dict], tencache: list[dict]) -> float:
     """Median over back-to-back run pairs of tencache's median step time over stock's.
 
@@ -282,12 +298,9 @@ def main(argv: list[str] | None = None) -> int:
 
     scratch = args.out.parent / ".scratch"
     scratch.mkdir(parents=True, exist_ok=True)
-    plan = {"cpu": [s for _ in range(args.repeats) for s in SIDES] + ["stock_default", "stock_measured"],
-            "nvme": [s for _ in range(args.repeats) for s in SIDES] + ["host_memory", "stock_measured"]}
-    order = [(mode, side) for mode in modes for side in plan[mode]]
-    runs = {mode: {side: [] for side in plan[mode]} for mode in modes}
-    for mode, side in tqdm(order, desc="training runs", unit="run"):
-        runs[mode][side].append(spawn(mode, side, args.size, args.steps, scratch))
+    runs: dict[str, dict[str, list[dict]]] = {mode: {} for mode in modes}
+    for mode, side in tqdm(run_plan(modes, args.repeats), desc="training runs", unit="run"):
+        runs[mode].setdefault(side, []).append(spawn(mode, side, args.size, args.steps, scratch))
     shutil.rmtree(scratch)
 
     result = {"model": {}, "modes": {"cpu": None, "nvme": None}}

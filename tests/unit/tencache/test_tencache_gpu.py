@@ -45,10 +45,13 @@ def test_sampler_keeps_the_peak_of_its_gpu(gpu_bench):
     assert sampler.peak_bytes == 900 * 2**20  # GPU 0's 5000 MiB is not this run's device
 
 
-def test_run_order_alternates_sides_then_measures_stock(gpu_bench):
-    assert gpu_bench.run_order(["cpu", "nvme"], 2) == [
-        ("cpu", "stock"), ("cpu", "tencache"), ("cpu", "stock"), ("cpu", "tencache"),
-        ("cpu", "stock_measured"), ("nvme", "stock"), ("nvme", "stock"), ("nvme", "stock_measured")]
+def test_run_plan_alternates_sides_then_measures_stock(gpu_bench):
+    ab = [("stock", "tencache")] * 2
+    assert gpu_bench.tencache_train.run_plan(["cpu", "nvme"], 2, references=False) == [
+        *[("cpu", side) for pair in ab for side in pair], ("cpu", "stock_measured"),
+        *[("nvme", side) for pair in ab for side in pair], ("nvme", "stock_measured")]
+    assert gpu_bench.tencache_train.run_plan(["nvme"], 1) == [
+        ("nvme", "stock"), ("nvme", "tencache"), ("nvme", "host_memory"), ("nvme", "stock_measured")]
 
 
 def test_skips_cleanly_without_a_cuda_device(gpu_bench, monkeypatch, tmp_path, capsys):
