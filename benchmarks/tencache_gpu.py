@@ -145,20 +145,10 @@ def measure(modes: list[str], size: str, steps: int, repeats: int, gpu_index: in
 
 
 def summarise_mode(mode: str, runs: dict, held: dict) -> dict:
-    """``tencache_train.summarise`` per side, plus the nvidia-smi peak and the paired ratio."""
-    figures = {}
+    """``tencache_train.compare_sides``, plus each side's nvidia-smi peak above idle."""
+    figures = tencache_train.compare_sides(mode, runs)
     for side in tencache_train.SIDES:
-        if side not in runs:
-            figures[side] = None
-            continue
-        measured = runs["stock_measured"][0] if side == "stock" else None
-        figures[side] = {**tencache_train.summarise(runs[side], measured),
-                         "gpu_mem_held_peak_bytes": max(held[side])}
-    both = all(figures[side] is not None for side in tencache_train.SIDES)
-    figures["step_time_ratio"] = (tencache_train.paired_ratio(runs["stock"], runs["tencache"])
-                                  if both else None)
-    figures["losses_identical"] = (all(r["losses"] == runs["stock"][0]["losses"]
-                                       for r in runs["stock"] + runs["tencache"]) if both else None)
+        figures[side]["gpu_mem_held_peak_bytes"] = max(held[side])
     return figures
 
 

@@ -224,6 +224,20 @@ def paired_ratio(stock: list[dict], tencache: list[dict]) -> float:
     return statistics.median(median_step(t) / median_step(s) for s, t in zip(stock, tencache, strict=True))
 
 
+def compare_sides(mode: str, runs: dict[str, list[dict]]) -> dict:
+    """One mode's result: both sides summarised, their paired step-time ratio, whether every run's
+    losses are identical, and the median step time of each reference run made."""
+    stock, tencache = runs["stock"], runs["tencache"]
+    return {
+        "stock": summarise(stock, runs["stock_measured"][0]),
+        "tencache": summarise(tencache, None),
+        "step_time_ratio": paired_ratio(stock, tencache),
+        "losses_identical": all(r["losses"] == stock[0]["losses"] for r in tencache + stock),
+        **{f"{side}_step_time_median_s": summarise(runs[side], None)["step_time_median_s"]
+           for side in REFERENCE_SIDES[mode] if side in runs},
+    }
+
+
 def plot(result: dict, runs: dict[str, list[dict]], path: Path) -> None:
     import matplotlib
 
@@ -314,14 +328,7 @@ def main(argv: list[str] | None = None) -> int:
             "repeats": args.repeats, "warmup_steps": WARMUP_STEPS,
             "tencache_bytes_moved_per_step": first["bytes_moved_per_step"],
             "stock_bytes_moved_per_step": cpu_runs["stock_measured"][0]["bytes_moved_per_step"]}
-        result["modes"]["cpu"] = {
-            "stock": summarise(cpu_runs["stock"], cpu_runs["stock_measured"][0]),
-            "tencache": summarise(cpu_runs["tencache"], None),
-            "step_time_ratio": paired_ratio(cpu_runs["stock"], cpu_runs["tencache"]),
-            "losses_identical": all(r["losses"] == cpu_runs["stock"][0]["losses"]
-                                    for r in cpu_runs["tencache"] + cpu_runs["stock"]),
-            "stock_default_step_time_median_s":
-                summarise(cpu_runs["stock_default"], None)["step_time_median_s"]}
+        result["modes"]["cpu"] = compare_sides("cpu", cpu_runs)
     if "nvme" in runs:
         nvme_runs = runs["nvme"]
         result["model"].setdefault("size", args.size)
@@ -329,14 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         result["model"]["nvme"] = {"dtype": "bfloat16", "param_bytes": nvme_runs["stock"][0]["num_parameters"] * 2,
                                    "device_budget_bytes": nvme_runs["stock"][0]["budget_bytes"],
                                    "stock_buffer_count": STOCK_SWAP_BUFFERS}
-        result["modes"]["nvme"] = {
-            "stock": summarise(nvme_runs["stock"], nvme_runs["stock_measured"][0]),
-            "tencache": summarise(nvme_runs["tencache"], None),
-            "step_time_ratio": paired_ratio(nvme_runs["stock"], nvme_runs["tencache"]),
-            "losses_identical": all(r["losses"] == nvme_runs["stock"][0]["losses"]
-                                    for r in nvme_runs["tencache"] + nvme_runs["stock"]),
-            "host_memory_step_time_median_s":
-                summarise(nvme_runs["host_memory"], None)["step_time_median_s"]}
+        result["modes"]["nvme"] = compare_sides("nvme", nvme_runs)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     if "cpu" in runs:

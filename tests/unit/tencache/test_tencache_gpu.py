@@ -93,10 +93,3 @@ def test_summary_reuses_the_cpu_benchmark_figures_and_adds_device_memory(gpu_ben
     assert summary["tencache"]["step_time_median_s"] == pytest.approx(0.25)
     assert summary["step_time_ratio"] == pytest.approx(0.75)  # median of pairs 0.5 and 1.0
     assert summary["losses_identical"] is True
-
-
-def test_summary_of_a_mode_without_a_tencache_side(gpu_bench):
-    runs = {"stock": [fake_run(0.2, [1.0], None)], "stock_measured": [fake_run(0.3, [1.0], 0.1)]}
-    summary = gpu_bench.summarise_mode("nvme", runs, {"stock": [7], "stock_measured": [0]})
-    assert summary["tencache"] is None and summary["step_time_ratio"] is None
-    assert summary["stock"]["gpu_mem_held_peak_bytes"] == 7
