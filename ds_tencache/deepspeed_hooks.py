@@ -148,16 +148,14 @@ class TencacheCoordinator(PartitionedParameterCoordinator):
             self._nvme_read_seen = self.store.bytes_read
         prefetch = self.controller.end_group(end, end - start)
         if prefetch:
-            missing = {param for param in map(self._params_by_id.__getitem__, prefetch)
-                       if param.ds_status == ZeroParamStatus.NOT_AVAILABLE}
+            missing = [param for param in map(self._params_by_id.__getitem__, prefetch)
+                       if param.ds_status == ZeroParamStatus.NOT_AVAILABLE]
             if self.store is not None:
-                # NVMe partitions: start their reads now; the gather at use waits for them.
-                streamed = {p for p in missing if _on_nvme(p)}
-                self.store.prefetch(p for p in map(self._params_by_id.__getitem__, prefetch)
-                                    if p in streamed)
-                missing -= streamed
+                # NVMe partitions: start their reads now, in plan order; the gather at use waits.
+                self.store.prefetch(p for p in missing if _on_nvme(p))
+                missing = [p for p in missing if not _on_nvme(p)]
             if missing:
-                getattr(self, _MANGLED + "all_gather_params")(missing, forward)
+                getattr(self, _MANGLED + "all_gather_params")(set(missing), forward)
 
     def _module_info(self, module: torch.nn.Module) -> tuple[str, list[torch.nn.Parameter], tuple[int, ...]]:
         """Name, partitioned parameters and their ds_ids of a sub-module, worked out once."""
@@ -279,6 +277,12 @@ def tencache_controller(engine: Any) -> CacheController | None:
     return coordinator.controller if isinstance(coordinator, TencacheCoordinator) else None
 
 
+def _param_swapper(params: Iterable[torch.nn.Parameter]):
+    """The NVMe swapper zero.Init gave these parameters (tencache's or ZeRO-Infinity's), if any."""
+    return next((p.nvme_swapper for p in params if getattr(p, "nvme_swapper", None) is not None),
+                None)
+
+
 def host_tier_figures(engine: Any) -> dict[str, Any] | None:
     """Pinned-memory figures of the engine's parameter swapper (tencache's or ZeRO-Infinity's).
 
@@ -287,8 +291,7 @@ def host_tier_figures(engine: Any) -> dict[str, Any] | None:
     """
     offload = getattr(getattr(engine, "optimizer", None), "parameter_offload", None)
     coordinator = getattr(offload, "param_coordinator", None)
-    swapper = next((p.nvme_swapper for p in engine.module.parameters()
-                    if getattr(p, "nvme_swapper", None) is not None), None)
+    swapper = _param_swapper(engine.module.parameters())
     if isinstance(swapper, TieredParameterSwapper):
         stats = swapper.pool_stats()
         layout = swapper.layout
@@ -339,8 +342,7 @@ def _wrap_initialize_ds_offload(original):
         if config is not None:
             stock = offload.param_coordinator
             device = str(getattr(offload.offload_device, "value", offload.offload_device) or "none")
-            swapper = next((p.nvme_swapper for p in offload.module.parameters()
-                            if getattr(p, "nvme_swapper", None) is not None), None)
+            swapper = _param_swapper(offload.module.parameters())
             store = swapper if isinstance(swapper, TieredParameterSwapper) else None
             offload.param_coordinator = TencacheCoordinator.adopt(
                 stock, build_controller(config, stock, offload.module, store), device, store)
@@ -372,10 +374,9 @@ def _wrap_rigid_load_state_dict(original):
 
     @functools.wraps(original)
     def _rigid_load_state_dict(self, state_dict, load_optimizer_states=True):
-        store = next((p.nvme_swapper for group in self.fp16_groups for p in group
-                      if isinstance(getattr(p, "nvme_swapper", None), TieredParameterSwapper)), None)
+        store = _param_swapper(p for group in self.fp16_groups for p in group)
         missing = [i for i, flat in enumerate(self.fp16_partitioned_groups_flat) if flat is None]
-        if store is None or not missing:
+        if not isinstance(store, TieredParameterSwapper) or not missing:
             return original(self, state_dict, load_optimizer_states)
         for i in missing:
             flat = torch.empty(self.fp16_partitioned_groups_flat_numel[i],
@@ -454,11 +455,6 @@ def _element_size(ds_config: DeepSpeedConfig) -> int:
     return 2 if ds_config.bfloat16_config.enabled or ds_config.float16_config.enabled else 4
 
 
-def _typed(buffer: PooledBuffer, dtype: torch.dtype, numel: int) -> torch.Tensor:
-    """The first ``numel`` elements of a pooled byte buffer, as ``dtype``."""
-    return buffer.view[:numel * dtype.itemsize].view(dtype)
-
-
 class TieredParameterSwapper(AsyncPartitionedParameterSwapper):
     """ZeRO-Infinity's parameter swapper interface over the pinned pool, CPU tier and swap files.
 
@@ -482,8 +478,8 @@ class TieredParameterSwapper(AsyncPartitionedParameterSwapper):
 
     def __init__(self, ds_config: DeepSpeedConfig, model_dtype: torch.dtype) -> None:
         # Deliberately not super().__init__(): it pins the fixed slots this class replaces.
-        config = from_ds_config(ds_config._param_dict)
-        assert config is not None and nvme_tier_active(ds_config._param_dict)
+        config = from_ds_config(ds_config._param_dict)  # the factory checked the tier is active
+        assert config is not None
         offload = ds_config.zero_config.offload_param
         self.dtype = model_dtype  # upstream attribute; buffers use each parameter's own dtype
         self.aio_config = ds_config.aio_config
@@ -516,10 +512,9 @@ class TieredParameterSwapper(AsyncPartitionedParameterSwapper):
         self.pool = PinnedBufferPool(
             {self.capacity // self.alignment * self.alignment: 1} if self.capacity >= self.alignment
             else {}, self.alignment, self._locked, capacity_bytes=self.capacity)
-        self.carving = "init"
+        self._init_carving = True  # one buffer of the whole capacity, for zero.Init's writes
         self.layout: TierLayout | None = None
         self.partition_bytes: dict[int, int] = {}
-        self._numel: dict[int, int] = {}
         self._staged: dict[int, PooledBuffer] = {}  # NVMe partitions read into staging buffers
         self._resident: dict[int, PooledBuffer] = {}  # the CPU tier
         self.invalid_buffer = torch.tensor(1).half()  # upstream's placeholder for a released partition
@@ -547,10 +542,9 @@ class TieredParameterSwapper(AsyncPartitionedParameterSwapper):
     def get_buffer(self, param, numel: int) -> torch.Tensor:
         """zero.Init's first placement of a partition: a staging buffer, written out next."""
         self.partition_bytes[param.ds_id] = numel * param.dtype.itemsize
-        self._numel[param.ds_id] = numel
         buffer = self._acquire(param.ds_id)
         self._staged[param.ds_id] = buffer
-        return _typed(buffer, param.dtype, numel)
+        return self._partition_view(buffer, param)
 
     def swap_out_and_release(self, params, async_op: bool = False,
                              force_buffer_release: bool = False) -> None:
@@ -625,16 +619,13 @@ class TieredParameterSwapper(AsyncPartitionedParameterSwapper):
         """
         for param, source in zip(dst_fp16_params, src_fp32_params, strict=True):
             buffer = self._acquire(param.ds_id, spill=True)
-            _typed(buffer, param.dtype, source.numel()).copy_(source)
+            self._partition_view(buffer, param).copy_(source)
             self.writes.new_batch()  # each write its own stream: a read waits for its file only
             self._write(param.ds_id, buffer, free_after=True)
         for param in dst_fp16_params:
             param.ds_tensor.status = PartitionedParamStatus.NOT_AVAILABLE
 
     # --- the CPU tier ----------------------------------------------------------------------------
-
-    def is_streamed(self, param) -> bool:
-        return param.ds_id not in self._resident
 
     def prefetch(self, params: Iterable[torch.nn.Parameter]) -> None:
         """Start the NVMe reads of partitions the plan needs soon; the gather waits for them."""
@@ -660,7 +651,7 @@ class TieredParameterSwapper(AsyncPartitionedParameterSwapper):
             param.ds_tensor.status = PartitionedParamStatus.NOT_AVAILABLE
         self.synchronize_writes()
         self.pool.recarve(layout.buffers_per_class)
-        self.carving = "planned"
+        self._init_carving = False
         for param_id in sorted(layout.cpu_resident):
             param = params[param_id]
             self.swap_in([param], async_op=False)
@@ -681,7 +672,7 @@ class TieredParameterSwapper(AsyncPartitionedParameterSwapper):
             if resident is None:
                 streamed.append((param, loaded))
             else:
-                target = _typed(resident, param.dtype, self._numel[param.ds_id])
+                target = self._partition_view(resident, param)
                 target.copy_(loaded.view(-1))
                 param.ds_tensor.data = target.data
         if streamed:
@@ -697,11 +688,11 @@ class TieredParameterSwapper(AsyncPartitionedParameterSwapper):
 
     def _ensure_training_carving(self) -> None:
         """After zero.Init has written every partition: carve the warm-up classes."""
-        if self.carving == "init":
+        if self._init_carving:
             self.synchronize_writes()
             self.pool.recarve(warmup_carving(self.partition_bytes.values(), self.capacity,
                                              self.max_classes, self.alignment))
-            self.carving = "warmup"
+            self._init_carving = False
 
     def _acquire(self, param_id: int, spill: bool = False) -> PooledBuffer:
         """A buffer for a partition; the last write-back's buffers return when its writes end."""
@@ -717,10 +708,14 @@ class TieredParameterSwapper(AsyncPartitionedParameterSwapper):
                 f"tencache.cpu_budget = {self.capacity} bytes cannot stage parameter {param_id} "
                 f"({nbytes} bytes with alignment): {err}; raise cpu_budget") from None
 
+    def _partition_view(self, buffer: PooledBuffer, param) -> torch.Tensor:
+        """The partition's bytes at the start of a pooled buffer, as the parameter's dtype."""
+        return buffer.view[:self.partition_bytes[param.ds_id]].view(param.dtype)
+
     def _read_done(self, param) -> None:
         buffer = self._staged[param.ds_id]
         self.files.verify_read(param.ds_id, buffer.view[:self.partition_bytes[param.ds_id]])
-        param.ds_tensor.data = _typed(buffer, param.dtype, self._numel[param.ds_id]).data
+        param.ds_tensor.data = self._partition_view(buffer, param).data
         param.ds_tensor.status = PartitionedParamStatus.AVAILABLE
 
     def _write(self, param_id: int, buffer: PooledBuffer, free_after: bool) -> None:

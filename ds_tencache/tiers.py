@@ -134,8 +134,7 @@ def _layout_for(plan: Plan, budget: int, partition_bytes: Mapping[int, int],
     residents: Counter[int] = Counter()
 
     def carved(staging_now: Counter[int], residents_now: Counter[int]) -> int:
-        return sum(size * (staging_now[size] + residents_now[size])
-                   for size in staging_now.keys() | residents_now.keys())
+        return sum(size * count for size, count in (staging_now + residents_now).items())
 
     if carved(staging, residents) > capacity:
         return None
@@ -152,9 +151,7 @@ def _layout_for(plan: Plan, budget: int, partition_bytes: Mapping[int, int],
     return TierLayout(
         device_budget_bytes=budget,
         cpu_resident=resident,
-        buffers_per_class={size: staging[size] + residents[size]
-                           for size in staging.keys() | residents.keys()
-                           if staging[size] + residents[size]},
+        buffers_per_class=dict(staging + residents),
         staging_per_class={size: count for size, count in staging.items() if count},
         nvme_read_bytes_per_step=sum(partition_bytes[f.param_id] for f in plan.fetches
                                      if f.param_id in streamed),
@@ -245,9 +242,6 @@ class IOStreams:
                                 "shorter than written, unreadable, or the path is not writable)")
         stream.ops.append((key, path, on_done))
         self._where[key] = stream
-
-    def pending(self, key: Any) -> bool:
-        return key in self._where
 
     def wait_for(self, key: Any) -> None:
         """Complete the stream holding ``key``'s operation (and only that stream)."""
@@ -363,9 +357,6 @@ class SwapFiles:
             raise SwapFileError(f"swap file {self.path(param_id)} is corrupted: its checksum does "
                                 f"not match what was written (parameter {param_id}, "
                                 f"{written.nbytes} bytes)")
-
-    def cleanup(self) -> None:
-        self._finalizer()
 
     def _require(self, param_id: int) -> _Written:
         try:

@@ -151,11 +151,12 @@ def _engine(project_root, model_dir, swap: Path, model_bytes: int, **extra):
     return engine
 
 
-def _steps(engine, model_dir, count: int, seed: int = 1) -> list[float]:
+def _steps(engine, model_dir, count: int, seed: int = 1, skip: int = 0) -> list[float]:
+    """Train on batches ``skip`` to ``count`` of the seeded sequence; their losses."""
     from tiny_llama import causal_lm_batches
 
     losses = []
-    for batch in causal_lm_batches(model_dir, 4, 64, count, seed=seed):
+    for batch in causal_lm_batches(model_dir, 4, 64, count, seed=seed)[skip:]:
         loss = engine(input_ids=batch, labels=batch).loss
         engine.backward(loss)
         engine.step()
@@ -258,8 +259,6 @@ print("files during the run:", len(list(Path({str(swap)!r}).rglob("*.swp"))))
 
 def _round_trip(engine_at, model_dir, tmp_path: Path, name: str) -> tuple[list[float], list[float]]:
     """Losses of 8 uninterrupted steps, and of steps 6-8 after a save at step 5 and a reload."""
-    from tiny_llama import causal_lm_batches
-
     uninterrupted = engine_at(tmp_path / f"{name}-a")
     expected = _steps(uninterrupted, model_dir, 8)
     uninterrupted.destroy()
@@ -269,12 +268,7 @@ def _round_trip(engine_at, model_dir, tmp_path: Path, name: str) -> tuple[list[f
     saver.destroy()
     resumed = engine_at(tmp_path / f"{name}-c")
     resumed.load_checkpoint(str(tmp_path / f"{name}-ckpt"), tag="step5")
-    losses = []
-    for batch in causal_lm_batches(model_dir, 4, 64, 8, seed=1)[5:]:
-        loss = resumed(input_ids=batch, labels=batch).loss
-        resumed.backward(loss)
-        resumed.step()
-        losses.append(loss.item())
+    losses = _steps(resumed, model_dir, 8, skip=5)
     resumed.destroy()
     return expected, losses
 
