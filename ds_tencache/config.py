@@ -55,6 +55,16 @@ def parse_bytes(value: Any) -> int | Literal["auto"]:
 BytesOrAuto = Annotated[int | Literal["auto"], PlainValidator(parse_bytes)]
 
 
+def _parse_bytes_only(value: Any) -> int:
+    parsed = parse_bytes(value)
+    if parsed == "auto":
+        raise ValueError("must be a whole number of bytes or a size like '512MiB' (no \"auto\" here)")
+    return parsed
+
+
+Bytes = Annotated[int, PlainValidator(_parse_bytes_only)]
+
+
 class _Block(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
 
@@ -96,16 +106,24 @@ class TencacheConfig(_Block):
 
     nvme_tier: bool = True
     """With ``offload_param.device: "nvme"``, replace ZeRO-Infinity's parameter swapper by the
-    tiered store (pinned pool, CPU tier, checksummed swap files). False keeps the upstream swapper
-    and caches on the device only (useful for A/B measurements)."""
+    tiered store (pinned pool, CPU tier, checksummed swap files); with ``offload_optimizer.device:
+    "nvme"``, replace its optimizer-state swapper likewise (CPU tier, prefetch, checksums). False
+    keeps the upstream swappers and caches on the device only (useful for A/B measurements)."""
 
     cpu_budget: BytesOrAuto = "auto"
     """Bytes of pinned host memory of the NVMe tier: the CPU-tier residents plus the staging
     buffers of NVMe reads, in one allocation. "auto": what ZeRO-Infinity pins for its parameter
     swap slots (``offload_param.buffer_count`` x ``buffer_size`` elements)."""
 
+    optimizer_cpu_budget: Bytes = 0
+    """Host-memory bytes for optimizer sub-groups that never go to NVMe (``offload_optimizer.device:
+    "nvme"`` only). Each kept sub-group costs 16 bytes per element (fp32 master weight, Adam's two
+    moments, fp32 gradient) and saves reading and writing as much every step. 0, the default,
+    streams every sub-group, as ZeRO-Infinity does."""
+
     nvme_path: str | None = None
-    """Folder of the NVMe tier; defaults to ``zero_optimization.offload_param.nvme_path``."""
+    """Folder of the NVMe tier; defaults to the ``nvme_path`` of ``offload_param`` (parameters) or
+    ``offload_optimizer`` (optimizer states)."""
 
     prefetch_lookahead: BytesOrAuto = "auto"
     """How far ahead fetches may run. "auto": as late as still hides each transfer behind the
@@ -121,14 +139,18 @@ class TencacheConfig(_Block):
     metrics: MetricsConfig = MetricsConfig()
     pool: PoolConfig = PoolConfig()
 
-    def tier_settings_given(self) -> list[str]:
-        """Keys the user set that configure the NVMe tier: without NVMe parameter offload the
-        adapter says plainly that they have no effect, rather than accepting them silently."""
-        return [key for key in TIER_KEYS if key in self.model_fields_set]
+    def tier_settings_ignored(self, param_tier: bool, optimizer_tier: bool) -> list[str]:
+        """Keys the user set for a tier that is not active: the adapter says plainly that they
+        have no effect, rather than accepting them silently."""
+        applies = {key: param_tier or optimizer_tier for key in SHARED_TIER_KEYS}
+        applies.update({key: param_tier for key in PARAM_TIER_KEYS})
+        applies["optimizer_cpu_budget"] = optimizer_tier
+        return [key for key in applies if key in self.model_fields_set and not applies[key]]
 
 
-# Settings read by the pinned pool and NVMe tier (see tier_settings_given).
-TIER_KEYS = ("nvme_tier", "cpu_budget", "nvme_path", "verify_checksums", "pool")
+# Settings of the NVMe tiers (see tier_settings_ignored): both tiers', the parameter tier's.
+SHARED_TIER_KEYS = ("nvme_tier", "nvme_path", "verify_checksums")
+PARAM_TIER_KEYS = ("cpu_budget", "pool")
 
 
 def _dotted(location: tuple[Any, ...]) -> str:
@@ -218,20 +240,31 @@ def from_ds_config(ds_config: Mapping[str, Any] | str | Path) -> TencacheConfig 
             "offload_param.device is \"nvme\" but no folder is given for the NVMe tier; set "
             "zero_optimization.offload_param.nvme_path or tencache.nvme_path")
     optimizer = zero.get("offload_optimizer") or {}
-    if nvme and tencache.nvme_tier and optimizer.get("device") == "nvme":
+    if nvme and tencache.nvme_tier and optimizer.get("device") == "nvme" and optimizer.get("fast_init"):
         raise TencacheConfigError(
-            "tencache's NVMe tier does not yet work beside offload_optimizer.device \"nvme\" "
-            "(ZeRO-Infinity's optimizer swapper borrows the parameter swapper's fixed slots); "
-            "offload the optimizer to \"cpu\", or set tencache.nvme_tier to false")
+            "offload_optimizer.fast_init borrows ZeRO-Infinity's parameter swap slots, which "
+            "tencache's NVMe tier replaces; remove fast_init, or set tencache.nvme_tier to false")
     return tencache
 
 
 def nvme_tier_active(ds_config: Mapping[str, Any]) -> bool:
     """Whether tencache's NVMe tier replaces ZeRO-Infinity's parameter swapper for this config."""
-    tencache = from_ds_config(ds_config)
+    return _tier_active(ds_config, "offload_param")
+
+
+def optimizer_tier_active(ds_config: Mapping[str, Any]) -> bool:
+    """Whether tencache's NVMe tier replaces ZeRO-Infinity's optimizer-state swapper."""
+    return _tier_active(ds_config, "offload_optimizer")
+
+
+def _tier_active(ds_config: Mapping[str, Any], offload_key: str) -> bool:
+    block = ds_config.get(BLOCK)
+    if block is None or block is False:
+        return False
+    tencache = parse_block(block)
     zero = ds_config.get("zero_optimization") or {}
-    offload = (zero.get("offload_param") or {}) if isinstance(zero, Mapping) else {}
-    return tencache is not None and tencache.nvme_tier and offload.get("device") == "nvme"
+    offload = (zero.get(offload_key) or {}) if isinstance(zero, Mapping) else {}
+    return tencache.enabled and tencache.nvme_tier and offload.get("device") == "nvme"
 
 
 def _reject_misplaced_block(config: Mapping[str, Any]) -> None:

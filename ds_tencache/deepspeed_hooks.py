@@ -1,6 +1,6 @@
 """The only module that touches DeepSpeed internals. Written against deepspeed==0.19.8.
 
-It translates; :mod:`ds_tencache.controller` and :mod:`ds_tencache.tiers` decide. Four bindings:
+It translates; :mod:`ds_tencache.controller` and :mod:`ds_tencache.tiers` decide. The bindings:
 
 - :class:`TencacheCoordinator` subclasses ZeRO-3's ``PartitionedParameterCoordinator``. Every
   ZeRO-3 hook asks ``DeepSpeedZeRoOffload.get_param_coordinator()`` at call time, so swapping the
@@ -12,6 +12,9 @@ It translates; :mod:`ds_tencache.controller` and :mod:`ds_tencache.tiers` decide
   ``deepspeed.initialize`` (and so Hugging Face's Trainer) activates it.
 - ``DeepSpeedConfig.__init__`` is wrapped to validate the block when DeepSpeed reads the config,
   so a mistake (or tencache without ZeRO-3) fails before any engine is built.
+- With NVMe optimizer offload, :class:`TieredOptimizerSwapper` replaces ZeRO-3's optimizer-state
+  swapper (``DeepSpeedZeroOptimizer_Stage3._configure_tensor_swapping`` is wrapped), and
+  ``_swappable_optimizer_subgroup`` is wrapped so the sub-groups of its CPU tier stay in memory.
 - With NVMe parameter offload, :class:`TieredParameterSwapper` replaces ZeRO-Infinity's
   ``AsyncPartitionedParameterSwapper``: ``zero.Init`` builds its swapper by that name from
   ``partition_parameters``'s namespace, so the name is bound to a factory that returns ours when
@@ -40,6 +43,8 @@ import torch
 from deepspeed.ops.op_builder import AsyncIOBuilder
 from deepspeed.runtime.config import DeepSpeedConfig
 from deepspeed.runtime.swap_tensor import constants as aio_keys
+from deepspeed.runtime.swap_tensor.optimizer_utils import OptimizerSwapper
+from deepspeed.runtime.swap_tensor.partitioned_optimizer_swapper import PartitionedOptimizerSwapper
 from deepspeed.runtime.swap_tensor.partitioned_param_swapper import (
     AsyncPartitionedParameterSwapper, PartitionedParamStatus)
 from deepspeed.runtime.zero import partition_parameters
@@ -51,13 +56,13 @@ from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
 from deepspeed.utils import z3_leaf_module
 
 from ds_tencache.config import (TencacheConfig, TencacheConfigError, from_ds_config,
-                               nvme_tier_active)
+                               nvme_tier_active, optimizer_tier_active)
 from ds_tencache.controller import CacheController, Mode, PlanInputs
 from ds_tencache.metrics import MetricsReporter
 from ds_tencache.pool import PinnedBufferPool, PooledBuffer, PoolExhaustedError, PoolStats
 from ds_tencache.profile import Phase, TensorInfo
 from ds_tencache.tiers import (IOStreams, SwapFileError, SwapFiles, TierLayout, file_bytes_for,
-                               plan_tiers, warmup_carving)
+                               optimizer_cpu_subgroups, plan_tiers, warmup_carving)
 
 DEEPSPEED_VERSION = "0.19.8"
 _MANGLED = "_PartitionedParameterCoordinator__"
@@ -70,6 +75,13 @@ SWAPPER_METHODS = ("swappable_tensor", "get_buffer", "swap_out_and_release", "sw
                    "synchronize_reads", "synchronize_writes", "remove_partition_and_release_buffers",
                    "swap_into_buffer", "reserve_partitioned_swap_space",
                    "swap_out_partitioned_params", "get_path", "available_swap_in_buffers")
+# The upstream optimizer swapper's methods TieredOptimizerSwapper overrides, and the members of
+# its buffer manager it reads; checked by a test on upgrade.
+OPTIMIZER_SWAPPER_METHODS = ("swap_in_optimizer_state", "_swap_in_pinned_gradients",
+                             "_swap_out_optimizer_state", "_swap_out_unpinned_tensors",
+                             "swap_out_gradients", "release_swap_buffers", "pre_backward",
+                             "purge_state")
+BUFFER_MANAGER_MEMBERS = ("free_buffer_index", "all_buffers")
 
 logger = logging.getLogger("ds_tencache")
 
@@ -331,6 +343,35 @@ def host_tier_figures(engine: Any) -> dict[str, Any] | None:
     return None
 
 
+def optimizer_tier_figures(engine: Any, steps: int) -> dict[str, Any] | None:
+    """What the optimizer-state swapper (tencache's or ZeRO-Infinity's) kept and moved.
+
+    None without NVMe optimizer offload. Bytes moved are known for tencache's swapper only.
+    """
+    optimizer = getattr(engine, "optimizer", None)
+    swapper = getattr(optimizer, "optimizer_swapper", None)
+    if swapper is None:
+        return None
+    numels = optimizer.fp16_partitioned_groups_flat_numel
+    streamed = [i for i in range(len(numels)) if optimizer._swappable_optimizer_subgroup(i)]
+    figures = {
+        "sub_groups": len(numels),
+        "streamed_sub_groups": len(streamed),
+        "streamed_elements": sum(numels[i] for i in streamed),
+        "pinned_staging_bytes": sum(b.numel() * b.element_size()
+                                    for b in swapper.swap_buffer_manager.all_buffers),
+        # gradient fragments of 1 MiB and more go to files of their own during backward
+        "gradient_files": sum(len(info.swapped_gradients)
+                              for info in swapper.swap_params_info.values()),
+    }
+    if isinstance(swapper, TieredOptimizerSwapper):
+        figures.update(nvme_bytes_read_per_step=swapper.bytes_read / steps,
+                       nvme_bytes_written_per_step=swapper.bytes_written / steps,
+                       prefetched_reads=swapper.prefetched_reads,
+                       verified_gradient_reads=swapper.verified_gradient_reads)
+    return figures
+
+
 # --- activation ----------------------------------------------------------------------------------
 
 def _wrap_initialize_ds_offload(original):
@@ -339,6 +380,9 @@ def _wrap_initialize_ds_offload(original):
         offload = original(self, *args, **kwargs)
         ds_config = kwargs.get("ds_config")
         config = from_ds_config(ds_config) if isinstance(ds_config, Mapping) else None
+        # ZeRO-3 configures its optimizer swapper after this call; the block decides which.
+        self._tencache_optimizer_tier = config if (
+            config is not None and optimizer_tier_active(ds_config)) else None
         if config is not None:
             stock = offload.param_coordinator
             device = str(getattr(offload.offload_device, "value", offload.offload_device) or "none")
@@ -351,10 +395,12 @@ def _wrap_initialize_ds_offload(original):
                         config.warmup_steps, config.device_budget,
                         f", NVMe tier with a {store.capacity / 2**20:.1f} MiB pinned pool"
                         if store is not None else "")
-            ignored = [key for key in config.tier_settings_given() if store is None]
+            ignored = config.tier_settings_ignored(store is not None,
+                                                   self._tencache_optimizer_tier is not None)
             if ignored:
-                logger.warning("tencache: %s apply to the NVMe tier only (offload_param.device "
-                               "\"nvme\"); ignored here", ", ".join(ignored))
+                logger.warning("tencache: %s apply to an NVMe tier that is not active here "
+                               "(offload_param / offload_optimizer device \"nvme\"); ignored",
+                               ", ".join(ignored))
         return offload
 
     initialize_ds_offload.__tencache_wrapped__ = True
@@ -400,6 +446,42 @@ def _wrap_rigid_load_state_dict(original):
     return _rigid_load_state_dict
 
 
+def _wrap_configure_tensor_swapping(original):
+    """ZeRO-3 builds its optimizer-state swapper here; with the block's NVMe tier, it gets ours."""
+
+    @functools.wraps(original)
+    def _configure_tensor_swapping(self, offload_optimizer_config, aio_config):
+        config = getattr(self, "_tencache_optimizer_tier", None)
+        if config is None:
+            return original(self, offload_optimizer_config, aio_config)
+        base = Path(config.nvme_path or offload_optimizer_config.nvme_path) / "tencache"
+        self.optimizer_swapper = TieredOptimizerSwapper(
+            swap_config=offload_optimizer_config, aio_config=aio_config, base_folder=str(base),
+            optimizer=self.optimizer, largest_numel=max(self.fp16_partitioned_groups_flat_numel),
+            device=self.device, dtype=self.master_weights_and_grads_dtype, timers=self.timers,
+            folder=base / "optimizer" / f"rank{_rank()}", verify=config.verify_checksums,
+            cpu_budget=config.optimizer_cpu_budget)
+        return None
+
+    _configure_tensor_swapping.__tencache_wrapped__ = True
+    return _configure_tensor_swapping
+
+
+def _wrap_swappable_optimizer_subgroup(original):
+    """Sub-groups in tencache's optimizer CPU tier are not swappable: ZeRO-3 keeps them in memory."""
+
+    @functools.wraps(original)
+    def _swappable_optimizer_subgroup(self, sub_group_id):
+        swapper = self.optimizer_swapper
+        if isinstance(swapper, TieredOptimizerSwapper) and swapper.keeps_in_cpu(
+                sub_group_id, self.fp16_partitioned_groups_flat_numel):
+            return False
+        return original(self, sub_group_id)
+
+    _swappable_optimizer_subgroup.__tencache_wrapped__ = True
+    return _swappable_optimizer_subgroup
+
+
 def _wrap_config_init(original):
     @functools.wraps(original)
     def __init__(self, config, *args, **kwargs):
@@ -417,9 +499,12 @@ def install() -> None:
             DeepSpeedZeroOptimizer_Stage3.initialize_ds_offload)
     if not getattr(DeepSpeedConfig.__init__, "__tencache_wrapped__", False):
         DeepSpeedConfig.__init__ = _wrap_config_init(DeepSpeedConfig.__init__)
-    if not getattr(DeepSpeedZeroOptimizer_Stage3._rigid_load_state_dict, "__tencache_wrapped__", False):
-        DeepSpeedZeroOptimizer_Stage3._rigid_load_state_dict = _wrap_rigid_load_state_dict(
-            DeepSpeedZeroOptimizer_Stage3._rigid_load_state_dict)
+    for name, wrap in (("_rigid_load_state_dict", _wrap_rigid_load_state_dict),
+                       ("_configure_tensor_swapping", _wrap_configure_tensor_swapping),
+                       ("_swappable_optimizer_subgroup", _wrap_swappable_optimizer_subgroup)):
+        method = getattr(DeepSpeedZeroOptimizer_Stage3, name)
+        if not getattr(method, "__tencache_wrapped__", False):
+            setattr(DeepSpeedZeroOptimizer_Stage3, name, wrap(method))
     # zero.Init builds its parameter swapper by this module-level name.
     partition_parameters.AsyncPartitionedParameterSwapper = _swapper_factory
     if not logger.handlers:
@@ -486,19 +571,7 @@ class TieredParameterSwapper(AsyncPartitionedParameterSwapper):
         if self.aio_config[aio_keys.AIO_USE_GDS]:
             raise TencacheConfigError("aio.use_gds is not supported by tencache's NVMe tier; set "
                                       "tencache.nvme_tier to false to use ZeRO-Infinity's swapper")
-        handle = AsyncIOBuilder().load(verbose=False).aio_handle
-
-        def streams(what: str) -> IOStreams:
-            # aio.queue_depth: how many batches of reads (or writes) may be in flight at once.
-            return IOStreams([handle(
-                block_size=self.aio_config[aio_keys.AIO_BLOCK_SIZE],
-                queue_depth=self.aio_config[aio_keys.AIO_QUEUE_DEPTH],
-                single_submit=self.aio_config[aio_keys.AIO_SINGLE_SUBMIT],
-                overlap_events=self.aio_config[aio_keys.AIO_OVERLAP_EVENTS],
-                intra_op_parallelism=self.aio_config[aio_keys.AIO_INTRA_OP_PARALLELISM])
-                for _ in range(self.aio_config[aio_keys.AIO_QUEUE_DEPTH])], what)
-
-        self.reads, self.writes = streams("read"), streams("write")
+        self.reads, self.writes = _io_streams(self.aio_config, "read"), _io_streams(self.aio_config, "write")
         # Direct I/O moves whole 512-byte sectors on each of the op's parallel threads.
         self.alignment = max(config.pool.alignment_bytes,
                              512 * self.aio_config[aio_keys.AIO_INTRA_OP_PARALLELISM])
@@ -522,7 +595,7 @@ class TieredParameterSwapper(AsyncPartitionedParameterSwapper):
         self.allocations_at_plan: int | None = None
         # The optimizer's last write-back is still in flight when training ends; DeepSpeed's aio
         # handle aborts the process if destroyed with operations pending.
-        atexit.register(_drain_store, weakref.ref(self))
+        atexit.register(_drain_streams, weakref.ref(self))
 
     def _locked(self, nbytes: int) -> torch.Tensor:
         """Page-locked host memory from DeepSpeed's async I/O op (pinned on a GPU host)."""
@@ -562,14 +635,7 @@ class TieredParameterSwapper(AsyncPartitionedParameterSwapper):
             param_id = param.ds_id
             path = self.files.path(param_id)
             self.writes.wait_for(path)  # a read must see the last write of its file
-            try:
-                # Before the read: DeepSpeed's aio aborts the process on a file shorter than the
-                # read (an assertion), which would hide which file and why.
-                self.files.check_readable(param_id)
-            except SwapFileError:
-                self.reads.drain()
-                self.writes.drain()
-                raise
+            _check_readable(self, param_id)
             buffer = self._acquire(param_id)
             self._staged[param_id] = buffer
             view = buffer.view[:self.files.file_bytes(param_id)]
@@ -731,11 +797,244 @@ class TieredParameterSwapper(AsyncPartitionedParameterSwapper):
         self.bytes_written += view.numel()
 
 
-def _drain_store(ref: weakref.ref) -> None:
+class TieredOptimizerSwapper(PartitionedOptimizerSwapper):
+    """ZeRO-Infinity's optimizer-state swapper, with a CPU tier, prefetch and checksummed files.
+
+    ZeRO-3 with ``offload_optimizer.device: "nvme"`` reads every sub-group's fp32 master weights,
+    Adam moments and gradient from NVMe for its optimizer step and writes them back, every step.
+    What differs here from upstream's ``PartitionedOptimizerSwapper``, and why:
+
+    - **A CPU tier.** The sub-groups :func:`~ds_tencache.tiers.optimizer_cpu_subgroups` picks under
+      ``tencache.optimizer_cpu_budget`` are reported not swappable, so ZeRO-3 keeps their states
+      in host memory, as with ``offload_optimizer.device: "cpu"``: no NVMe traffic for them.
+      Upstream streams every sub-group whatever host memory is free.
+    - **Prefetch.** While one sub-group's step runs, the next streamed sub-group's states are being
+      read (ZeRO-3 names it in ``async_parameter``, which upstream's partitioned swapper ignores:
+      it reads each sub-group only when asked and waits). Needs free staging buffers:
+      ``offload_optimizer.buffer_count`` of at least twice a sub-group's tensors plus gradient.
+    - **Writes stay in flight.** A sub-group's write-back is issued and the step goes on; its
+      buffers return when the writes complete (upstream waits for every write-back).
+    - **Integrity.** State and gradient files get a checksum on write, verified on read; a
+      missing, truncated or corrupt file raises :class:`SwapFileError` naming it.
+
+    The staging buffers (``buffer_count`` x the largest sub-group, pinned) and the gradient
+    swap-out during backward stay upstream's.
+    """
+
+    def __init__(self, swap_config, aio_config, base_folder, optimizer, largest_numel, device, dtype,
+                 timers, *, folder: Path, verify: bool, cpu_budget: int) -> None:
+        super().__init__(swap_config, aio_config, base_folder, optimizer, largest_numel, device,
+                         dtype, timers)
+        self.files = SwapFiles(folder, verify=verify)
+        self.swap_folder = str(self.files.folder)  # upstream names every state file inside it
+        self.reads, self.writes = _io_streams(aio_config, "read"), _io_streams(aio_config, "write")
+        self.cpu_budget = cpu_budget
+        self.cpu_subgroups: frozenset[int] | None = None  # decided when ZeRO-3 first asks
+        self._prefetched: dict[str, list[torch.Tensor]] = {}  # param id -> buffers being read
+        self._retiring: list[list[torch.Tensor]] = []  # buffers whose write-back is in flight
+        self.bytes_read = self.bytes_written = 0
+        self.prefetched_reads = 0  # sub-group reads that were in flight before they were needed
+        self.verified_gradient_reads = 0
+        atexit.register(_drain_streams, weakref.ref(self))
+
+    def keeps_in_cpu(self, sub_group_id: int, numels: list[int]) -> bool:
+        if self.cpu_subgroups is None:
+            self.cpu_subgroups = optimizer_cpu_subgroups(
+                numels, self.cpu_budget, lambda numel: self.is_swappable_tensor(numel=numel))
+        return sub_group_id in self.cpu_subgroups
+
+    # --- reads -------------------------------------------------------------------------------
+
+    def swap_in_optimizer_state(self, parameter, async_parameter=None) -> None:
+        swap_info = self._get_param_swap_info(parameter)
+        if swap_info is None:
+            return
+        self._flush_gradient_swapper(self.gradient_swapper)
+        buffers = self._prefetched.pop(swap_info.param_id, None)
+        if buffers is None:
+            buffers = self._allocate(swap_info)
+            self._read_states(swap_info, buffers)
+        else:
+            self.prefetched_reads += 1
+        for path in swap_info.get_swap_paths():
+            self.reads.wait_for(path)
+        swap_info.swap_buffers = buffers.copy()
+        swap_info.set_swap_buffers(buffers[:swap_info.num_tensors()],
+                                   self._io_aligned_numel(swap_info.numel()))
+        if swap_info.has_gradients():
+            self._swap_in_gradients(aio_handle=self.aio_handle, parameter=parameter,
+                                    dest_buffer=buffers[-1])
+        if async_parameter is not None:
+            # A sub-group without states yet gets them from this step, outside the staging
+            # buffers: its write-back then needs one free buffer to stage them through.
+            self._prefetch(async_parameter, spare=0 if swap_info.has_state_tensors else 1)
+
+    def _prefetch(self, parameter, spare: int) -> None:
+        """Start reading a sub-group's states, if buffers for it and ``spare`` more are free."""
+        swap_info = self._get_param_swap_info(parameter)
+        if swap_info is None or swap_info.param_id in self._prefetched:
+            return
+        buffers = self._allocate(swap_info, spare)
+        if buffers is not None:
+            self._prefetched[swap_info.param_id] = buffers
+            self._read_states(swap_info, buffers)
+
+    def _allocate(self, swap_info, spare: int | None = None) -> list[torch.Tensor] | None:
+        """Staging buffers for a sub-group's tensors and gradient; None (a prefetch, which gives
+        ``spare``) when fewer than needed are free, an error when a read must happen now."""
+        count = swap_info.num_tensors() + (1 if swap_info.has_gradients() else 0)
+        numel = self._io_aligned_numel(swap_info.numel())
+        required = spare is None
+        for attempt in range(2):
+            if len(self.swap_buffer_manager.free_buffer_index) >= count + (spare or 0):
+                return self.swap_buffer_manager.allocate(num_elems=numel, count=count,
+                                                         dtype=swap_info.dtype())
+            if attempt == 0:
+                self._reclaim()
+        if required:
+            raise TencacheConfigError(
+                f"offload_optimizer.buffer_count = {self.swap_config.buffer_count} is too small: "
+                f"an optimizer sub-group needs {count} staging buffers")
+        return None
+
+    def _read_states(self, swap_info, buffers: list[torch.Tensor]) -> None:
+        numel = self._io_aligned_numel(swap_info.numel())
+        self.reads.new_batch()
+        for path, buffer in zip(swap_info.get_swap_paths(), buffers):
+            key = _file_key(path)
+            self.writes.wait_for(path)  # a read must see the last write of its file
+            _check_readable(self, key)
+            view = buffer.narrow(0, 0, numel)
+            self.reads.submit(path, lambda aio, view=view, path=path: aio.async_pread(view, path, 0),
+                              path, functools.partial(self.files.verify_read, key,
+                                                      buffer.narrow(0, 0, swap_info.numel())))
+            self.bytes_read += view.numel() * view.element_size()
+
+    def _swap_in_pinned_gradients(self, aio_handle, parameter, gradient_tensor) -> None:
+        swap_info = self.swap_params_info[OptimizerSwapper.parameter_id(parameter)]
+        fragments = list(swap_info.swapped_gradients.values())
+        for fragment in fragments:
+            _check_readable(self, _file_key(fragment.path))
+        super()._swap_in_pinned_gradients(aio_handle, parameter, gradient_tensor)
+        for fragment in fragments:
+            self.files.verify_read(_file_key(fragment.path),
+                                   gradient_tensor.narrow(0, fragment.offset, fragment.length))
+        self.verified_gradient_reads += len(fragments) if self.files.verify else 0
+
+    # --- writes ------------------------------------------------------------------------------
+
+    def _swap_out_optimizer_state(self, swap_info) -> None:
+        tensors, paths = swap_info.get_swap_buffers_and_paths(True)
+        self.writes.new_batch()
+        for tensor, path in zip(tensors, paths):
+            self._write(tensor, path, swap_info.numel())
+        unpinned, unpinned_paths = swap_info.get_swap_buffers_and_paths(False)
+        if unpinned:  # Adam's states after its first step: staged through free buffers
+            self._reclaim()
+            buffers = self.swap_buffer_manager.allocate_all(num_elems=self.largest_numel,
+                                                            dtype=self.dtype)
+            self._swap_out_unpinned_tensors(self.aio_handle, unpinned, unpinned_paths, buffers)
+            swap_info.swap_buffers += buffers
+
+    def _swap_out_unpinned_tensors(self, aio_handle, unpinned_tensors, dest_paths,
+                                   pinned_buffers) -> None:
+        """Tensors outside the staging buffers (the first master weights, Adam's new states),
+        copied into ``pinned_buffers`` in turn and written, as upstream does, with checksums."""
+        if not pinned_buffers:
+            raise TencacheConfigError(
+                f"offload_optimizer.buffer_count = {self.swap_config.buffer_count} leaves no "
+                "staging buffer for the optimizer states' first write")
+        for start in range(0, len(unpinned_tensors), len(pinned_buffers)):
+            self.writes.new_batch()
+            for tensor, path, buffer in zip(unpinned_tensors[start:], dest_paths[start:],
+                                            pinned_buffers):
+                buffer.narrow(0, 0, tensor.numel()).copy_(tensor.view(-1))
+                self._write(buffer, path, tensor.numel())
+            self.writes.wait_all()
+
+    def _write(self, buffer: torch.Tensor, path: str, numel: int) -> None:
+        key = _file_key(path)
+        self.writes.wait_for(path)  # the file's previous write first
+        view = buffer.narrow(0, 0, self._io_aligned_numel(numel))  # survives release_memory()
+        nbytes = view.numel() * view.element_size()
+        self.files.ensure_space(nbytes)
+        self.files.wrote(key, buffer.narrow(0, 0, numel), nbytes)
+        self.writes.submit(path, lambda aio: aio.async_pwrite(view, path, 0), path, lambda: None)
+        self.bytes_written += nbytes
+
+    def swap_out_gradients(self, parameter, gradient_offsets, gradient_tensors) -> None:
+        super().swap_out_gradients(parameter, gradient_offsets, gradient_tensors)
+        swap_info = self.swap_params_info.get(OptimizerSwapper.parameter_id(parameter))
+        if swap_info is None:
+            return
+        # The same split upstream made: each swappable fragment went to its own file.
+        tensors, offsets = self._adjust_for_misaligned_lengths(tensors=gradient_tensors,
+                                                               offsets=gradient_offsets)
+        for tensor, offset in zip(tensors, offsets):
+            if self.is_swappable_tensor(tensor=tensor):
+                path = swap_info.swapped_gradients[offset].path
+                self.files.wrote(_file_key(path), tensor,
+                                 tensor.numel() * tensor.element_size())
+
+    def release_swap_buffers(self, parameter) -> None:
+        """Upstream frees the buffers at once; here they return when their writes complete."""
+        swap_info = self._get_param_swap_info(parameter)
+        if swap_info is None:
+            return
+        swap_info.release_memory()
+        self._retiring.append(swap_info.swap_buffers)
+        swap_info.swap_buffers = []
+
+    def _reclaim(self) -> None:
+        """Complete the write-backs in flight and take their buffers back."""
+        self.writes.wait_all()
+        for buffers in self._retiring:
+            self.swap_buffer_manager.free(buffers)
+        self._retiring = []
+
+    def pre_backward(self) -> None:
+        # The gradient swap-out takes every free buffer: the last step's write-backs end first.
+        self._reclaim()
+        super().pre_backward()
+
+    def purge_state(self) -> None:
+        self._reclaim()
+        super().purge_state()
+
+
+def _file_key(path: str) -> str:
+    """The :class:`SwapFiles` key of a file upstream named inside the tier's folder."""
+    return Path(path).name.removesuffix(".swp")
+
+
+def _io_streams(aio_config: Mapping[str, Any], what: str) -> IOStreams:
+    """``aio.queue_depth`` handles of DeepSpeed's async I/O op, used as independent streams: that
+    many batches of reads (or writes) may be in flight at once."""
+    handle = AsyncIOBuilder().load(verbose=False).aio_handle
+    return IOStreams([handle(block_size=aio_config[aio_keys.AIO_BLOCK_SIZE],
+                             queue_depth=aio_config[aio_keys.AIO_QUEUE_DEPTH],
+                             single_submit=aio_config[aio_keys.AIO_SINGLE_SUBMIT],
+                             overlap_events=aio_config[aio_keys.AIO_OVERLAP_EVENTS],
+                             intra_op_parallelism=aio_config[aio_keys.AIO_INTRA_OP_PARALLELISM])
+                      for _ in range(aio_config[aio_keys.AIO_QUEUE_DEPTH])], what)
+
+
+def _check_readable(store: TieredParameterSwapper | TieredOptimizerSwapper, key) -> None:
+    """Before a read is issued: DeepSpeed's aio aborts the process on a file shorter than the read
+    (an assertion), which would hide which file and why; the I/O in flight ends first."""
+    try:
+        store.files.check_readable(key)
+    except SwapFileError:
+        store.reads.drain()
+        store.writes.drain()
+        raise
+
+
+def _drain_streams(ref: weakref.ref) -> None:
     store = ref()
     if store is not None:
-        store.synchronize_reads()
-        store.synchronize_writes()
+        store.reads.wait_all()
+        store.writes.wait_all()
 
 
 def _swapper_factory(ds_config: DeepSpeedConfig, model_dtype: torch.dtype):

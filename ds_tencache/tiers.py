@@ -35,7 +35,7 @@ import os
 import shutil
 import weakref
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -298,12 +298,16 @@ class _Written:
 
 
 class SwapFiles:
-    """The NVMe tier's folder: file paths, preflight checks, checksums, clean-up at exit."""
+    """The NVMe tier's folder: file paths, preflight checks, checksums, clean-up at exit.
+
+    A file is named by its tensor's key: a parameter's ``ds_id``, or the name DeepSpeed's
+    optimizer swapper gives a state tensor.
+    """
 
     def __init__(self, folder: str | Path, verify: bool = True) -> None:
         self.folder = Path(folder)
         self.verify = verify
-        self._written: dict[int, _Written] = {}
+        self._written: dict[Hashable, _Written] = {}
         try:
             shutil.rmtree(self.folder, ignore_errors=True)  # a previous run's stale files
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -316,8 +320,8 @@ class SwapFiles:
         # Swap files are scratch: gone when the store is, and at interpreter exit at the latest.
         self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.folder), True)
 
-    def path(self, param_id: int) -> str:
-        return str(self.folder / f"{param_id}.swp")
+    def path(self, key: Hashable) -> str:
+        return str(self.folder / f"{key}.swp")
 
     def ensure_space(self, nbytes: int) -> None:
         """Refuse a write that cannot fit, rather than leave a short file behind."""
@@ -327,44 +331,69 @@ class SwapFiles:
                 f"NVMe tier folder {self.folder}: disk full ({os.strerror(errno.ENOSPC)}); "
                 f"{nbytes} bytes to write, {free} free")
 
-    def wrote(self, param_id: int, data: torch.Tensor, file_bytes: int) -> None:
+    def wrote(self, key: Hashable, data: torch.Tensor, file_bytes: int) -> None:
         """Record a write of ``data`` (the meaningful bytes) padded to ``file_bytes``."""
         digest = checksum(data) if self.verify else 0
-        self._written[param_id] = _Written(data.numel() * data.element_size(), file_bytes, digest)
+        self._written[key] = _Written(data.numel() * data.element_size(), file_bytes, digest)
 
-    def file_bytes(self, param_id: int) -> int:
-        return self._require(param_id).file_bytes
+    def file_bytes(self, key: Hashable) -> int:
+        return self._require(key).file_bytes
 
-    def check_readable(self, param_id: int) -> None:
+    def check_readable(self, key: Hashable) -> None:
         """Before a read is issued: the file exists and is as long as what was written."""
-        written = self._require(param_id)
-        path = self.path(param_id)
+        written = self._require(key)
+        path = self.path(key)
         try:
             size = os.stat(path).st_size
         except FileNotFoundError:
             raise SwapFileError(f"swap file {path} is missing (deleted while training?); "
-                                f"parameter {param_id} cannot be read back") from None
+                                f"tensor {key} cannot be read back") from None
         if size < written.file_bytes:
             raise SwapFileError(f"swap file {path} is truncated: {size} of {written.file_bytes} "
-                                f"bytes; parameter {param_id} cannot be read back")
+                                f"bytes; tensor {key} cannot be read back")
 
-    def verify_read(self, param_id: int, data: torch.Tensor) -> None:
+    def verify_read(self, key: Hashable, data: torch.Tensor) -> None:
         """After a read: the bytes are the ones written, or training stops here."""
         if not self.verify:
             return
-        written = self._require(param_id)
+        written = self._require(key)
         if checksum(data) != written.digest:
-            raise SwapFileError(f"swap file {self.path(param_id)} is corrupted: its checksum does "
-                                f"not match what was written (parameter {param_id}, "
+            raise SwapFileError(f"swap file {self.path(key)} is corrupted: its checksum does "
+                                f"not match what was written (tensor {key}, "
                                 f"{written.nbytes} bytes)")
 
-    def _require(self, param_id: int) -> _Written:
+    def _require(self, key: Hashable) -> _Written:
         try:
-            return self._written[param_id]
+            return self._written[key]
         except KeyError:
-            raise SwapFileError(f"parameter {param_id} was never written to {self.folder}") from None
+            raise SwapFileError(f"tensor {key} was never written to {self.folder}") from None
 
 
 def file_bytes_for(nbytes: int, alignment: int) -> int:
     """Direct I/O moves whole aligned blocks: a swap file is its tensor padded to the alignment."""
     return align_up(max(nbytes, 1), alignment)
+
+
+# Bytes of host memory per element of an optimizer sub-group kept off NVMe: the fp32 master
+# weight, Adam's two moments and the fp32 gradient.
+OPTIMIZER_BYTES_PER_ELEMENT = 16
+
+
+def optimizer_cpu_subgroups(numels: Iterable[int], budget: int, swappable: Callable[[int], bool],
+                            bytes_per_element: int = OPTIMIZER_BYTES_PER_ELEMENT) -> frozenset[int]:
+    """The optimizer sub-groups whose states stay in host memory, under ``budget`` bytes.
+
+    The optimizer step visits every sub-group exactly once per step, so unlike parameters there is
+    no hot set: a kept sub-group saves reading and writing its own bytes every step, and the
+    choice that saves the most is the one that keeps the most bytes. Largest first, while they fit
+    (a greedy knapsack: within one largest sub-group of the optimum). Sub-groups DeepSpeed would
+    not swap anyway (``swappable`` false: under its minimum I/O size) cost nothing here.
+    """
+    sizes = [(numel * bytes_per_element, index) for index, numel in enumerate(numels)
+             if swappable(numel)]
+    kept, left = set(), budget
+    for nbytes, index in sorted(sizes, key=lambda item: (-item[0], item[1])):
+        if nbytes <= left:
+            kept.add(index)
+            left -= nbytes
+    return frozenset(kept)

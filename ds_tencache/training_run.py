@@ -31,6 +31,8 @@ class TrainingResult:
     plans_built: int = 0
     # pinned-memory figures of the NVMe parameter swapper (None without NVMe offload)
     host_tier: dict[str, Any] | None = None
+    # figures of the NVMe optimizer-state swapper (None without NVMe optimizer offload)
+    optimizer_tier: dict[str, Any] | None = None
 
 
 def ensure_single_process_env() -> None:
@@ -60,7 +62,8 @@ def train(model_dir: Path, ds_config: dict[str, Any], steps: int, seq_len: int =
     from deepspeed.accelerator import get_accelerator
     from transformers import AutoModelForCausalLM
 
-    from ds_tencache.deepspeed_hooks import host_tier_figures, tencache_controller
+    from ds_tencache.deepspeed_hooks import (host_tier_figures, optimizer_tier_figures,
+                                             tencache_controller)
     from tiny_llama import causal_lm_batches
 
     ensure_single_process_env()
@@ -96,5 +99,6 @@ def train(model_dir: Path, ds_config: dict[str, Any], steps: int, seq_len: int =
         result.tencache_steps = list(controller.reporter.history)
         result.plans_built = controller.plans_built
     result.host_tier = host_tier_figures(engine)
+    result.optimizer_tier = optimizer_tier_figures(engine, steps)
     engine.destroy()
     return result

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import SWAP_FILE_FAULTS, damage_swap_file
 
 pytestmark = pytest.mark.integration
 
@@ -178,11 +179,7 @@ def _streamed_file(engine) -> Path:
     return Path(store.files.path(param_id))
 
 
-@pytest.mark.parametrize("fault, message", [
-    ("corrupt", r"is corrupted: its checksum does not match"),
-    ("truncate", r"is truncated: \d+ of \d+ bytes"),
-    ("delete", r"is missing"),
-])
+@pytest.mark.parametrize("fault, message", SWAP_FILE_FAULTS.items())
 def test_damaged_swap_file_stops_training_naming_it(tmp_path, project_root, tiny_model_dir,
                                                     model_bytes, fault, message):
     from ds_tencache.tiers import SwapFileError
@@ -190,14 +187,7 @@ def test_damaged_swap_file_stops_training_naming_it(tmp_path, project_root, tiny
     engine = _engine(project_root, tiny_model_dir, tmp_path / "swap", model_bytes)
     _steps(engine, tiny_model_dir, WARMUP + 1)
     path = _streamed_file(engine)
-    if fault == "corrupt":
-        raw = bytearray(path.read_bytes())
-        raw[0] ^= 0xFF
-        path.write_bytes(bytes(raw))
-    elif fault == "truncate":
-        os.truncate(path, 512)
-    else:
-        path.unlink()
+    damage_swap_file(path, fault)
     with pytest.raises(SwapFileError, match=rf"{path}.*{message}|{message}"):
         _steps(engine, tiny_model_dir, 1)
     engine.destroy()

@@ -92,3 +92,35 @@ def test_checkpoint_restore_point_still_exists():
     assert methods["_rigid_load_state_dict"] == ["self", "state_dict", "load_optimizer_states"]
     source = inspect.getsource(DeepSpeedZeroOptimizer_Stage3._rigid_load_state_dict)
     assert "fp16_param.data.copy_(fp32_param.data)" in source  # the step that needs a host buffer
+
+
+def test_optimizer_swapper_we_extend_keeps_its_shape():
+    """TieredOptimizerSwapper overrides these upstream methods with the same arguments, reads the
+    buffer manager's members, and ZeRO-3 still builds its swapper where the adapter wraps."""
+    from deepspeed.runtime.swap_tensor.optimizer_utils import OptimizerSwapper
+    from deepspeed.runtime.swap_tensor.partitioned_optimizer_swapper import PartitionedOptimizerSwapper
+    from deepspeed.runtime.swap_tensor.utils import SwapBufferManager
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+    from ds_tencache.deepspeed_hooks import (BUFFER_MANAGER_MEMBERS, OPTIMIZER_SWAPPER_METHODS,
+                                             TieredOptimizerSwapper)
+
+    upstream = {**_method_arguments(OptimizerSwapper), **_method_arguments(PartitionedOptimizerSwapper)}
+    ours = _method_arguments(TieredOptimizerSwapper)
+    for method in OPTIMIZER_SWAPPER_METHODS:
+        assert method in upstream, f"upstream optimizer swapper has no {method} any more"
+        assert ours[method] == upstream[method], method
+    assert _parameters(PartitionedOptimizerSwapper.__init__) == [
+        "self", "swap_config", "aio_config", "base_folder", "optimizer", "largest_numel", "device",
+        "dtype", "timers"]
+    manager = inspect.getsource(SwapBufferManager.__init__)
+    for member in BUFFER_MANAGER_MEMBERS:
+        assert f"self.{member} =" in manager, member
+    stage3 = _method_arguments(DeepSpeedZeroOptimizer_Stage3)
+    assert stage3["_configure_tensor_swapping"] == ["self", "offload_optimizer_config", "aio_config"]
+    assert stage3["_swappable_optimizer_subgroup"] == ["self", "sub_group_id"]
+    configure = inspect.getsource(inspect.unwrap(DeepSpeedZeroOptimizer_Stage3._configure_tensor_swapping))
+    assert "self.optimizer_swapper = swapper_type(" in configure
+    # The CPU tier relies on ZeRO-3 asking this one method whether a sub-group is swapped.
+    init_source = inspect.getsource(DeepSpeedZeroOptimizer_Stage3._create_fp32_partitions)
+    assert "if self._swappable_optimizer_subgroup(i):" in init_source

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from ds_tencache.config import TencacheConfigError, from_ds_config, nvme_tier_active, parse_block
+from ds_tencache.config import (TencacheConfigError, from_ds_config, nvme_tier_active,
+                                optimizer_tier_active, parse_block)
 
 pytestmark = pytest.mark.unit
 
@@ -88,12 +89,37 @@ def test_nvme_tier_is_active_only_with_nvme_parameter_offload():
     assert not nvme_tier_active(ds_config(None, offload=nvme))  # no block: stock swapper
 
 
-def test_nvme_tier_beside_an_nvme_optimizer_is_refused_clearly():
-    config = ds_config({}, offload={"device": "nvme", "nvme_path": "/tmp/x"})
+def test_optimizer_tier_is_active_only_with_nvme_optimizer_offload():
+    config = ds_config({}, offload={"device": "cpu"})
     config["zero_optimization"]["offload_optimizer"] = {"device": "nvme", "nvme_path": "/tmp/x"}
-    with pytest.raises(TencacheConfigError, match="does not yet work beside offload_optimizer.device"):
-        from_ds_config(config)
+    assert optimizer_tier_active(config) and not nvme_tier_active(config)
     config["tencache"] = {"nvme_tier": False}
+    assert not optimizer_tier_active(config)
+    config["tencache"] = {"enabled": False}
+    assert not optimizer_tier_active(config)
+    del config["tencache"]
+    assert not optimizer_tier_active(config)
+
+
+def test_optimizer_cpu_budget_takes_sizes_but_not_auto():
+    assert parse_block({"optimizer_cpu_budget": "2GiB"}).optimizer_cpu_budget == 2 * 2**30
+    assert parse_block({}).optimizer_cpu_budget == 0
+    with pytest.raises(TencacheConfigError, match=r"optimizer_cpu_budget = 'auto': .*no \"auto\" here"):
+        parse_block({"optimizer_cpu_budget": "auto"})
+    with pytest.raises(TencacheConfigError, match="optimizer_cpu_budget = -1: must be at least 0"):
+        parse_block({"optimizer_cpu_budget": -1})
+
+
+def test_fast_init_beside_the_parameter_tier_is_refused_clearly():
+    config = ds_config({}, offload={"device": "nvme", "nvme_path": "/tmp/x"})
+    config["zero_optimization"]["offload_optimizer"] = {"device": "nvme", "nvme_path": "/tmp/x",
+                                                        "fast_init": True}
+    with pytest.raises(TencacheConfigError, match="fast_init borrows ZeRO-Infinity's parameter swap"):
+        from_ds_config(config)
+    del config["zero_optimization"]["offload_optimizer"]["fast_init"]
+    assert from_ds_config(config) is not None
+    config["tencache"] = {"nvme_tier": False}
+    config["zero_optimization"]["offload_optimizer"]["fast_init"] = True
     assert from_ds_config(config) is not None
 
 
@@ -112,7 +138,12 @@ def test_unreadable_file_is_a_clear_error(tmp_path):
         from_ds_config(bad)
 
 
-def test_tier_settings_are_reported_when_given():
-    assert parse_block({"device_budget": 10}).tier_settings_given() == []
-    given = parse_block({"cpu_budget": "1GiB", "pool": {"max_size_classes": 4}, "nvme_tier": True})
-    assert given.tier_settings_given() == ["nvme_tier", "cpu_budget", "pool"]
+def test_settings_of_an_inactive_tier_are_reported():
+    assert parse_block({"device_budget": 10}).tier_settings_ignored(False, False) == []
+    given = parse_block({"cpu_budget": "1GiB", "pool": {"max_size_classes": 4}, "nvme_tier": True,
+                         "optimizer_cpu_budget": 0})
+    assert given.tier_settings_ignored(False, False) == ["nvme_tier", "cpu_budget", "pool",
+                                                         "optimizer_cpu_budget"]
+    assert given.tier_settings_ignored(True, False) == ["optimizer_cpu_budget"]
+    assert given.tier_settings_ignored(False, True) == ["cpu_budget", "pool"]
+    assert given.tier_settings_ignored(True, True) == []

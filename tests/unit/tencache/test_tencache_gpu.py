@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
 from pathlib import Path
@@ -34,7 +35,8 @@ def test_unreadable_lines_raise_naming_the_line(gpu_bench, line):
 
 
 def test_sampler_keeps_the_peak_of_its_gpu(gpu_bench):
-    used_mib = iter([100, 900, 300] + [200] * 1000)
+    # endless: the sampler thread may take many readings before this one checks its count
+    used_mib = itertools.chain([100, 900, 300], itertools.repeat(200))
 
     def read():
         return gpu_bench.parse_nvidia_smi(f"0, GPU, 5000, 8000, 1\n1, GPU, {next(used_mib)}, 8000, 1")

@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 from ds_tencache.plan import build_plan
 from ds_tencache.pool import class_of, size_classes
-from ds_tencache.tiers import (SwapFileError, SwapFiles, TierBudgetError, checksum, plan_tiers,
+from ds_tencache.tiers import (SwapFileError, SwapFiles, TierBudgetError, checksum,
+                               optimizer_cpu_subgroups, plan_tiers,
                                staging_peak, warmup_carving)
 
 pytestmark = pytest.mark.unit
@@ -131,7 +132,7 @@ def test_missing_truncated_and_corrupt_files_name_the_file(tmp_path):
     path.unlink()
     with pytest.raises(SwapFileError, match=rf"{path} is missing"):
         files.check_readable(1)
-    with pytest.raises(SwapFileError, match="parameter 2 was never written"):
+    with pytest.raises(SwapFileError, match="tensor 2 was never written"):
         files.check_readable(2)
 
 
@@ -162,3 +163,21 @@ def test_swap_files_are_removed_with_their_store(tmp_path):
     folder = files.folder
     del files
     assert not folder.exists()
+
+
+def test_optimizer_cpu_tier_keeps_the_largest_sub_groups_that_fit():
+    numels = [100, 400, 300, 50, 400]
+    # 16 bytes per element; 50 elements are under the swap minimum and stay in memory anyway
+    kept = optimizer_cpu_subgroups(numels, 16 * 750, swappable=lambda n: n >= 100)
+    assert kept == {1, 2}  # 400 (the first of two), then 300 fits, 100 does not
+    assert optimizer_cpu_subgroups(numels, 0, swappable=lambda n: True) == frozenset()
+
+
+@given(st.lists(st.integers(1, 10_000), max_size=30), st.integers(0, 200_000))
+def test_optimizer_cpu_tier_never_exceeds_its_budget(numels, budget):
+    kept = optimizer_cpu_subgroups(numels, budget, swappable=lambda n: n >= 10)
+    assert sum(numels[i] for i in kept) * 16 <= budget
+    assert all(numels[i] >= 10 for i in kept)
+    # greedy is maximal: no swappable sub-group left out would still fit
+    left = budget - sum(numels[i] for i in kept) * 16
+    assert all(numels[i] * 16 > left for i in range(len(numels)) if i not in kept and numels[i] >= 10)
