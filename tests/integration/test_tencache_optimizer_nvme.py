@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import SWAP_FILE_FAULTS, damage_swap_file
+from swap_faults import SWAP_FILE_FAULTS, damage_swap_file
 
 pytestmark = pytest.mark.integration
 
