@@ -135,7 +135,7 @@ class TencacheCoordinator(PartitionedParameterCoordinator):
                         "tencache: NVMe tier laid out: %d partitions (%.1f MiB) in the CPU tier, "
                         "%d staging buffers, %.1f of %.1f MiB pinned carved; plan reads %.1f MiB "
                         "from NVMe per step at a device budget of %.1f MiB",
-                        len(layout.cpu_resident), layout.resident_bytes / 2**20,
+                        len(layout.cpu_resident) + len(layout.packed), layout.resident_bytes / 2**20,
                         sum(layout.staging_per_class.values()), layout.carved_bytes / 2**20,
                         self.store.capacity / 2**20, layout.nvme_read_bytes_per_step / 2**20,
                         layout.device_budget_bytes / 2**20)
@@ -152,6 +152,8 @@ class TencacheCoordinator(PartitionedParameterCoordinator):
         if self.store is not None:
             self.store.wait_for_reads(params)  # not the prefetches issued after them
         super().fetch_sub_module(current_submodule, forward)
+        if self.store is not None:
+            self.store.release_staging(params)
         end = time.perf_counter()
         if self.stock_swapper is not None:
             self._sample_stock_swapper()
@@ -315,6 +317,7 @@ def host_tier_figures(engine: Any) -> dict[str, Any] | None:
             "allocations_after_warmup": (None if swapper.allocations_at_plan is None
                                          else stats.allocations - swapper.allocations_at_plan),
             "cpu_resident_bytes": layout.resident_bytes if layout else 0,
+            "packed_partitions": len(layout.packed) if layout else 0,
             "device_budget_bytes": layout.device_budget_bytes if layout else None,
             "nvme_bytes_read": swapper.bytes_read,
             "nvme_bytes_written": swapper.bytes_written,
@@ -590,6 +593,8 @@ class TieredParameterSwapper(AsyncPartitionedParameterSwapper):
         self.partition_bytes: dict[int, int] = {}
         self._staged: dict[int, PooledBuffer] = {}  # NVMe partitions read into staging buffers
         self._resident: dict[int, PooledBuffer] = {}  # the CPU tier
+        self._pack: PooledBuffer | None = None  # the CPU tier's shared buffer of small partitions
+        self._packed: dict[int, torch.Tensor] = {}  # their views into it
         self.invalid_buffer = torch.tensor(1).half()  # upstream's placeholder for a released partition
         self.bytes_read = self.bytes_written = 0
         self.allocations_at_plan: int | None = None
@@ -666,6 +671,26 @@ class TieredParameterSwapper(AsyncPartitionedParameterSwapper):
             param.ds_tensor.data = self.invalid_buffer.data
             param.ds_tensor.status = PartitionedParamStatus.NOT_AVAILABLE
 
+    def release_staging(self, params: Iterable[torch.nn.Parameter]) -> None:
+        """After the gather: the gathered parameters hold the values, so their partitions' staging
+        buffers go back to the pool (upstream keeps a slot until the parameter is released).
+
+        On one rank ZeRO-3 does not gather: the parameter becomes a view of its partition, moved
+        to the device, which on the CPU accelerator is the staging buffer itself. Such a view is
+        copied first, as the host-to-device copy of a GPU would; the copy lives in device memory,
+        within the device budget.
+        """
+        for param in params:
+            buffer = self._staged.get(param.ds_id)
+            if buffer is None or param.ds_status != ZeroParamStatus.AVAILABLE:
+                continue
+            if param.data.data_ptr() == buffer.view.data_ptr():
+                param.data = param.data.clone()
+            del self._staged[param.ds_id]
+            self.pool.release(buffer)
+            param.ds_tensor.data = self.invalid_buffer.data
+            param.ds_tensor.status = PartitionedParamStatus.NOT_AVAILABLE
+
     def swap_into_buffer(self, param, dest_buffer: torch.Tensor) -> None:
         self.swap_in([param], async_op=False)
         dest_buffer.data.copy_(param.ds_tensor.data)
@@ -709,6 +734,7 @@ class TieredParameterSwapper(AsyncPartitionedParameterSwapper):
             return False
         self.synchronize_reads()
         self.synchronize_writes()
+        packed = self._unpack(layout.packed, params)
         for param_id in list(self._resident):
             self._write(param_id, self._resident.pop(param_id), free_after=True)
             param = params[param_id]
@@ -718,6 +744,16 @@ class TieredParameterSwapper(AsyncPartitionedParameterSwapper):
         self.synchronize_writes()
         self.pool.recarve(layout.buffers_per_class)
         self._init_carving = False
+        if layout.packed:
+            self._pack = self.pool.acquire(layout.pack_bytes)
+        for param_id, offset in layout.packed.items():
+            param = params[param_id]
+            view = self._pack.view[offset:offset + self.partition_bytes[param_id]].view(param.dtype)
+            view.copy_(packed[param_id])
+            self._packed[param_id] = view
+            param.ds_tensor.data = view.data
+            param.ds_tensor.status = PartitionedParamStatus.AVAILABLE
+            param.ds_tensor.final_location = OffloadDeviceEnum.cpu
         for param_id in sorted(layout.cpu_resident):
             param = params[param_id]
             self.swap_in([param], async_op=False)
@@ -728,6 +764,24 @@ class TieredParameterSwapper(AsyncPartitionedParameterSwapper):
         self.allocations_at_plan = self.pool.stats().allocations
         return True
 
+    def _unpack(self, packed: Mapping[int, int], params) -> dict[int, torch.Tensor]:
+        """The current values of the partitions to pack, in plain memory, and the old pack freed.
+
+        Packed partitions sit at unaligned offsets, where direct I/O cannot write from, so a new
+        layout takes them from the old pack, or (the first layout) reads them from their files.
+        """
+        values = {param_id: view.clone() for param_id, view in self._packed.items()}
+        self._packed = {}
+        if self._pack is not None:
+            self.pool.release(self._pack)
+            self._pack = None
+        for param_id in sorted(packed.keys() - values.keys()):
+            param = params[param_id]
+            self.swap_in([param], async_op=False)
+            values[param_id] = param.ds_tensor.data.clone()
+            self.remove_partition_and_release_buffers([param])
+        return values
+
     def restore_partitions(self, params) -> None:
         """After a checkpoint load pointed these partitions at loaded values (in scratch memory):
         store each where it lives, NVMe or the CPU tier."""
@@ -735,12 +789,15 @@ class TieredParameterSwapper(AsyncPartitionedParameterSwapper):
         for param in params:
             loaded = param.ds_tensor.data
             resident = self._resident.get(param.ds_id)
-            if resident is None:
-                streamed.append((param, loaded))
-            else:
+            if resident is not None:
                 target = self._partition_view(resident, param)
-                target.copy_(loaded.view(-1))
-                param.ds_tensor.data = target.data
+            elif param.ds_id in self._packed:
+                target = self._packed[param.ds_id]
+            else:
+                streamed.append((param, loaded))
+                continue
+            target.copy_(loaded.view(-1))
+            param.ds_tensor.data = target.data
         if streamed:
             self.swap_out_partitioned_params([p for p, _ in streamed], [t.view(-1) for _, t in streamed])
             self.synchronize_writes()

@@ -8,17 +8,22 @@ with it). Both kinds of buffer come from one pinned allocation of ``cpu_budget``
 split between them is the decision that matters:
 
 - **Staging.** The device plan (:mod:`ds_tencache.plan`) says, for every moment of a step, which
-  parameters are gathered or being fetched; each streamed one holds a staging buffer of its size
-  class from the issue of its read until the plan evicts it. Replaying the plan's fetches gives the
+  parameters are being fetched; each streamed one holds a staging buffer of its size class from
+  the issue of its read until its group gathers it (the gathered parameter then holds the values,
+  in device memory, which the device budget accounts for). Replaying the plan's fetches gives the
   most buffers of each class that are ever held at once: that many are carved, no more, and at
   least one per class of streamed partitions, through which the optimizer's write-back streams.
 - **Residents.** Every byte left over holds parameters permanently. A resident saves
   ``fetches x size`` bytes of NVMe reads per step, so per byte of budget its value is the number of
   times the plan fetches it: parameters are taken greedily by fetch count (then larger first,
   since a large resident also frees its class's staging buffers) while the carving still fits.
-- **Device budget.** A larger device budget means fewer fetches but more staging; the layout tries
-  the configured budget and each halving of it down to the largest fetch group, and keeps the one
-  that reads the fewest bytes from NVMe per step (the larger budget on a tie).
+- **Small partitions** (under the alignment, so a buffer or file of their own would be mostly
+  padding, and each NVMe read a whole block for a few bytes) are packed: placed one after another
+  at :data:`PACK_ITEM_ALIGNMENT` offsets in one shared buffer, resident for the whole run.
+- **Device budget.** A larger device budget means fewer fetches but may issue more reads ahead at
+  once (more staging); the layout tries the configured budget and each halving of it down to the
+  largest fetch group, and keeps the one that reads the fewest bytes from NVMe per step (the
+  larger budget on a tie).
 
 Before a plan exists (the warm-up steps) the pool is carved by :func:`warmup_carving`.
 
@@ -36,7 +41,7 @@ import shutil
 import weakref
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -64,7 +69,9 @@ class TierLayout:
     buffers_per_class: dict[int, int]  # class bytes -> buffers (residents + staging)
     staging_per_class: dict[int, int]  # of those, the staging buffers
     nvme_read_bytes_per_step: int  # what the plan reads from NVMe per step with this layout
-    resident_bytes: int  # partition bytes held by residents (what they really use)
+    resident_bytes: int  # partition bytes held by residents, packed ones included
+    packed: dict[int, int] = field(default_factory=dict)  # small partitions -> offset in the pack
+    pack_bytes: int = 0  # the pack's buffer (one of buffers_per_class), 0 without small partitions
 
     @property
     def carved_bytes(self) -> int:
@@ -101,19 +108,33 @@ def warmup_carving(partition_bytes: Iterable[int], capacity: int, max_classes: i
 def staging_peak(plan: Plan, streamed: set[int], class_bytes: Mapping[int, int]) -> Counter[int]:
     """Most staging buffers of each class held at once when ``plan`` runs.
 
-    A fetch takes its buffer at issue, after its evictions returned theirs (the plan's own order);
-    every parameter is released when the step ends, so one step is the whole story.
+    A streamed fetch holds its buffer from the issue of its read until its group gathers it; the
+    gathered parameter then holds the values and the buffer goes back. In group ``g``: the demand
+    reads (issued at ``g`` for ``g``) take buffers, the group's gather returns the buffers of every
+    fetch for ``g``, then the prefetches issued at ``g`` for later groups take theirs.
     """
     held: Counter[int] = Counter()
     peak: Counter[int] = Counter()
-    for fetch in plan.fetches:
-        for victim in fetch.evict:
-            if victim in streamed:
-                held[class_bytes[victim]] -= 1
-        if fetch.param_id in streamed:
+
+    def take(fetches) -> None:
+        for fetch in fetches:
             size = class_bytes[fetch.param_id]
             held[size] += 1
             peak[size] = max(peak[size], held[size])
+
+    by_group: dict[int, list] = {}
+    for fetch in plan.fetches:
+        if fetch.param_id in streamed:
+            by_group.setdefault(fetch.group, []).append(fetch)
+    issued: dict[int, list] = {}
+    for fetch in plan.fetches:
+        if fetch.param_id in streamed:
+            issued.setdefault(fetch.issue_group, []).append(fetch)
+    for group in sorted(by_group.keys() | issued.keys()):
+        take(f for f in issued.get(group, []) if f.group == group)
+        for fetch in by_group.get(group, []):
+            held[class_bytes[fetch.param_id]] -= 1
+        take(f for f in issued.get(group, []) if f.group > group)
     return peak
 
 
@@ -159,23 +180,50 @@ def _layout_for(plan: Plan, budget: int, partition_bytes: Mapping[int, int],
     )
 
 
+# Offsets of packed partitions: a cache line, which also aligns every dtype.
+PACK_ITEM_ALIGNMENT = 64
+
+
+def pack_offsets(partition_bytes: Mapping[int, int]) -> tuple[dict[int, int], int]:
+    """Offsets of partitions placed one after another in a shared buffer, and the bytes used."""
+    offsets, end = {}, 0
+    for param_id in sorted(partition_bytes):
+        offsets[param_id] = end
+        end = align_up(end + partition_bytes[param_id], PACK_ITEM_ALIGNMENT)
+    return offsets, end
+
+
 def plan_tiers(build: Callable[[int], Plan], device_budget: int, partition_bytes: Mapping[int, int],
                capacity: int, max_classes: int, alignment: int) -> tuple[Plan, TierLayout]:
     """The device plan and tier layout that read the fewest bytes from NVMe (module doc).
 
     ``build(budget)`` builds the device plan for a gathered-parameter budget; it raises
-    :class:`BudgetTooSmallError` below the largest fetch group, which ends the search.
+    :class:`BudgetTooSmallError` below the largest fetch group, which ends the search. Small
+    partitions the plans fetch are packed (module doc); only the rest are placed by the layout.
     """
-    classes = size_classes(partition_bytes.values(), max_classes, alignment)
-    class_bytes = {p: class_of(n, classes, alignment) for p, n in partition_bytes.items()}
     best: tuple[Plan, TierLayout] | None = None
+    classes: list[int] = []
     budget = device_budget
     while budget > 0:
         try:
             plan = build(budget)
         except BudgetTooSmallError:
             break
-        layout = _layout_for(plan, budget, partition_bytes, class_bytes, capacity)
+        if budget == device_budget:  # every plan fetches each parameter it uses at least once
+            fetched = {f.param_id for f in plan.fetches}
+            packed, packed_end = pack_offsets({p: n for p, n in partition_bytes.items()
+                                               if n < alignment and p in fetched})
+            pack_bytes = align_up(packed_end, alignment) if packed else 0
+            placed = {p: n for p, n in partition_bytes.items() if p not in packed}
+            classes = size_classes(placed.values(), max_classes, alignment)
+            class_bytes = {p: class_of(n, classes, alignment) for p, n in placed.items()}
+        layout = _layout_for(plan, budget, placed, class_bytes, capacity - pack_bytes)
+        if layout is not None and packed:
+            layout = replace(layout, packed=packed, pack_bytes=pack_bytes,
+                             buffers_per_class=dict(Counter(layout.buffers_per_class)
+                                                    + Counter({pack_bytes: 1})),
+                             resident_bytes=layout.resident_bytes
+                             + sum(partition_bytes[p] for p in packed))
         if layout is not None and (best is None or layout.nvme_read_bytes_per_step
                                    < best[1].nvme_read_bytes_per_step):
             best = plan, layout

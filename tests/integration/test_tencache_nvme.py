@@ -61,6 +61,7 @@ def test_bf16_losses_identical_to_stock_with_most_of_the_model_on_nvme(
     assert tier["pinned_bytes_reserved"] == model_bytes // 3
     assert tier["allocations_after_warmup"] == 0
     assert 0 < tier["cpu_resident_bytes"] < model_bytes // 3
+    assert tier["packed_partitions"] == 9  # the RMSNorm weights (256 bytes each) share one buffer
     planned = [m for m in ours.tencache_steps if m.phase == "planned"]
     assert len(planned) == STEPS - WARMUP
     # The streamed part of the model is read back from NVMe every step.

@@ -12,10 +12,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ds_tencache.plan import build_plan
+from ds_tencache.plan import Fetch, Plan, build_plan
 from ds_tencache.pool import class_of, size_classes
-from ds_tencache.tiers import (SwapFileError, SwapFiles, TierBudgetError, checksum,
-                               optimizer_cpu_subgroups, plan_tiers,
+from ds_tencache.tiers import (PACK_ITEM_ALIGNMENT, SwapFileError, SwapFiles, TierBudgetError,
+                               checksum, optimizer_cpu_subgroups, pack_offsets, plan_tiers,
                                staging_peak, warmup_carving)
 
 pytestmark = pytest.mark.unit
@@ -37,13 +37,17 @@ def _forward_backward(layers: int) -> list[tuple[int, ...]]:
     return forward + forward[::-1]
 
 
-def test_staging_peak_replays_the_plans_fetches():
-    groups = _forward_backward(4)
-    sizes = {p: ALIGN for p in range(4)}
-    plan = build_plan(groups, sizes, 2 * ALIGN, [1.0] * len(groups), 1e9)
-    classes = {p: ALIGN for p in range(4)}
-    assert staging_peak(plan, set(range(4)), classes) == Counter({ALIGN: 2})
-    assert staging_peak(plan, {0}, classes) == Counter({ALIGN: 1})
+def test_staging_peak_holds_a_buffer_from_read_to_gather():
+    # param 0 read on demand for group 0; 1 and 2 prefetched after groups 0 and 1 for group 2;
+    # 3 read on demand for group 3. Group 0's gather returns its buffer before 1 is prefetched.
+    fetches = [Fetch(0, 0, 0, (), ALIGN, 0.0), Fetch(1, 2, 0, (), ALIGN, 0.0),
+               Fetch(2, 2, 1, (), ALIGN, 0.0), Fetch(3, 3, 3, (), ALIGN, 0.0)]
+    plan = Plan(fetches=fetches, uses=4, budget_bytes=4 * ALIGN, peak_resident_bytes=4 * ALIGN)
+    classes = {0: ALIGN, 1: ALIGN, 2: 2 * ALIGN, 3: ALIGN}
+    assert staging_peak(plan, set(range(4)), classes) == Counter({ALIGN: 1, 2 * ALIGN: 1})
+    classes[2] = ALIGN
+    assert staging_peak(plan, set(range(4)), classes) == Counter({ALIGN: 2})  # 1 and 2 in flight
+    assert staging_peak(plan, {0, 3}, classes) == Counter({ALIGN: 1})
     assert staging_peak(plan, set(), classes) == Counter()
 
 
@@ -97,6 +101,28 @@ def test_layout_fits_the_capacity_and_covers_every_streamed_class(layers, seed, 
         assert layout.staging_per_class.get(class_of(sizes[param], classes, ALIGN), 0) >= 1
     # never reads more than streaming everything would
     assert layout.nvme_read_bytes_per_step <= sum(sizes[f.param_id] for f in plan.fetches)
+
+
+def test_small_partitions_share_one_packed_buffer():
+    groups = _forward_backward(4)
+    sizes = {0: 2 * ALIGN, 1: 100, 2: 2 * ALIGN, 3: 1000}  # 1 and 3: under the alignment
+    plan, layout = _layout(groups, sizes, budget=4 * ALIGN, capacity=6 * ALIGN)
+    assert layout.packed == {1: 0, 3: 128}  # 100 bytes rounded up to two 64-byte lines
+    assert layout.pack_bytes == ALIGN and layout.buffers_per_class[ALIGN] == 1
+    assert layout.cpu_resident.isdisjoint(layout.packed)
+    assert layout.resident_bytes >= 1100  # packed bytes count as resident
+    assert layout.carved_bytes <= 6 * ALIGN
+    # the packed partitions are never read from NVMe: only whole 2 x ALIGN partitions are
+    assert layout.nvme_read_bytes_per_step % (2 * ALIGN) == 0
+
+
+@given(st.lists(st.integers(1, 5000), max_size=40))
+def test_packed_partitions_never_overlap(sizes):
+    offsets, end = pack_offsets(dict(enumerate(sizes)))
+    spans = sorted((offsets[i], offsets[i] + n) for i, n in enumerate(sizes))
+    assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:]))
+    assert all(start % PACK_ITEM_ALIGNMENT == 0 for start, _ in spans)
+    assert end >= (spans[-1][1] if spans else 0)
 
 
 # --- swap files ---------------------------------------------------------------------------------
