@@ -40,8 +40,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from deepspeed.checkpoint.constants import FP32_FLAT_GROUPS, OPTIMIZER_STATE_DICT
 from deepspeed.ops.op_builder import AsyncIOBuilder
 from deepspeed.runtime.config import DeepSpeedConfig
+from deepspeed.runtime.engine import DeepSpeedEngine
 from deepspeed.runtime.swap_tensor import constants as aio_keys
 from deepspeed.runtime.swap_tensor.optimizer_utils import OptimizerSwapper
 from deepspeed.runtime.swap_tensor.partitioned_optimizer_swapper import PartitionedOptimizerSwapper
@@ -410,10 +412,104 @@ def _wrap_initialize_ds_offload(original):
     return initialize_ds_offload
 
 
-def _wrap_rigid_load_state_dict(original):
-    """Checkpoint loading with partitions on NVMe (``max_in_cpu`` exceeded).
+def _wrap_zero_nvme_offload_optimizer(original):
+    """Which checkpoint path the engine takes with optimizer states on NVMe.
 
-    Upstream restores the low-precision partitions by copying the loaded fp32 master weights into
+    For it, DeepSpeed copies the swap folder beside the checkpoint and, on load, copies it back and
+    skips the optimizer's state dict altogether, so master weights held in memory (sub-groups under
+    the swap minimum, tencache's CPU tier) are never restored and every partition keeps the fresh
+    engine's weights (measured: all of the tiny model's). With tencache's tier the engine takes
+    the path of in-memory optimizers instead: streamed states are read into the state dict on save
+    (:func:`_wrap_rigid_state_dict`) and written back to their files on load
+    (:func:`_restore_streamed_optimizer_states`).
+    """
+
+    @functools.wraps(original)
+    def zero_nvme_offload_optimizer(self):
+        if isinstance(getattr(self.optimizer, "optimizer_swapper", None), TieredOptimizerSwapper):
+            return False
+        return original(self)
+
+    zero_nvme_offload_optimizer.__tencache_wrapped__ = True
+    return zero_nvme_offload_optimizer
+
+
+def _streamed_optimizer_subgroups(optimizer) -> list[int]:
+    return [i for i in range(len(optimizer.fp16_groups)) if optimizer._swappable_optimizer_subgroup(i)]
+
+
+def _wrap_rigid_state_dict(original):
+    """Checkpoint saving with optimizer states on NVMe.
+
+    Upstream puts each sub-group's fp32 master weights and Adam states in the state dict as they
+    are in memory, which for a sub-group swapped to NVMe is an empty placeholder: the checkpoint
+    silently lacks them, and a resumed run starts those sub-groups from the initial weights. With
+    tencache's optimizer tier they are read back into memory for the save.
+    """
+
+    @functools.wraps(original)
+    def _rigid_state_dict(self):
+        swapper = self.optimizer_swapper
+        if not isinstance(swapper, TieredOptimizerSwapper):
+            return original(self)
+        held = swapper.materialize([self.fp32_partitioned_groups_flat[i]
+                                    for i in _streamed_optimizer_subgroups(self)])
+        try:
+            state = original(self)
+            # The dict keeps its own handles on the values; the live tensors are emptied again.
+            ids = {id(tensor) for tensor in held}
+            state[FP32_FLAT_GROUPS] = [t.detach() if id(t) in ids else t
+                                       for t in state[FP32_FLAT_GROUPS]]
+            for entry in state[OPTIMIZER_STATE_DICT]["state"].values():
+                for name, value in entry.items():
+                    if id(value) in ids:
+                        entry[name] = value.detach()
+        finally:
+            for tensor in held:
+                tensor.data = torch.Tensor()
+        return state
+
+    _rigid_state_dict.__tencache_wrapped__ = True
+    return _rigid_state_dict
+
+
+def _restore_streamed_optimizer_states(optimizer, swapper: TieredOptimizerSwapper,
+                                       state_dict: dict, load_optimizer_states: bool) -> dict:
+    """Before upstream's load: write the checkpoint's master weights (and states) of streamed
+    sub-groups into their swap files, which upstream's load then reads back ("touch all
+    parameters"); returns the state dict with those entries emptied, as upstream expects for
+    swapped sub-groups (it copies master weights only into tensors held in memory)."""
+    streamed = set(_streamed_optimizer_subgroups(optimizer))
+    # torch numbers optimizer states by position over param_groups, as upstream fills them
+    # (_set_fp32_optimizer_param_groups: each group's sub-groups in order).
+    order = [i for g in range(len(optimizer.optimizer.param_groups))
+             for i in range(len(optimizer.fp16_groups)) if optimizer.sub_group_to_group_id[i] == g]
+    saved_states = state_dict[OPTIMIZER_STATE_DICT]["state"]
+    tensors, paths = [], []
+    for index, sub_group in enumerate(order):
+        if sub_group not in streamed:
+            continue
+        parameter = optimizer.fp32_partitioned_groups_flat[sub_group]
+        swap_info = swapper._get_param_swap_info(parameter)
+        tensors.append(state_dict[FP32_FLAT_GROUPS][sub_group])
+        paths.append(swap_info.get_swap_paths()[0])
+        for name, value in saved_states.get(index, {}).items() if load_optimizer_states else ():
+            if torch.is_tensor(value) and swapper.is_swappable_tensor(tensor=value):
+                # upstream's name for a state tensor's file (OptimizerSwapper._get_state_tensors)
+                tensors.append(value)
+                paths.append(str(Path(swapper.swap_folder) / f"{name}-{parameter.ds_id}.tensor.swp"))
+    swapper.write_states(tensors, paths)
+    state_dict = dict(state_dict)
+    state_dict[FP32_FLAT_GROUPS] = [torch.empty(0) if i in streamed else t
+                                    for i, t in enumerate(state_dict[FP32_FLAT_GROUPS])]
+    return state_dict
+
+
+def _wrap_rigid_load_state_dict(original):
+    """Checkpoint loading with partitions or optimizer states on NVMe.
+
+    Optimizer states: see :func:`_restore_streamed_optimizer_states`. Partitions (``max_in_cpu``
+    exceeded): upstream restores the low-precision partitions by copying the loaded fp32 master weights into
     each sub-group's flat host buffer, which does not exist for sub-groups whose partitions live
     on NVMe (it fails with ``'NoneType' object has no attribute 'data'``, with or without tencache).
     With the NVMe tier, such sub-groups get a scratch flat buffer for the duration of the call;
@@ -423,6 +519,9 @@ def _wrap_rigid_load_state_dict(original):
 
     @functools.wraps(original)
     def _rigid_load_state_dict(self, state_dict, load_optimizer_states=True):
+        if isinstance(self.optimizer_swapper, TieredOptimizerSwapper):
+            state_dict = _restore_streamed_optimizer_states(self, self.optimizer_swapper, state_dict,
+                                                            load_optimizer_states)
         store = _param_swapper(p for group in self.fp16_groups for p in group)
         missing = [i for i, flat in enumerate(self.fp16_partitioned_groups_flat) if flat is None]
         if not isinstance(store, TieredParameterSwapper) or not missing:
@@ -500,9 +599,13 @@ def install() -> None:
     if not getattr(DeepSpeedZeroOptimizer_Stage3.initialize_ds_offload, "__tencache_wrapped__", False):
         DeepSpeedZeroOptimizer_Stage3.initialize_ds_offload = _wrap_initialize_ds_offload(
             DeepSpeedZeroOptimizer_Stage3.initialize_ds_offload)
+    if not getattr(DeepSpeedEngine.zero_nvme_offload_optimizer, "__tencache_wrapped__", False):
+        DeepSpeedEngine.zero_nvme_offload_optimizer = _wrap_zero_nvme_offload_optimizer(
+            DeepSpeedEngine.zero_nvme_offload_optimizer)
     if not getattr(DeepSpeedConfig.__init__, "__tencache_wrapped__", False):
         DeepSpeedConfig.__init__ = _wrap_config_init(DeepSpeedConfig.__init__)
     for name, wrap in (("_rigid_load_state_dict", _wrap_rigid_load_state_dict),
+                       ("_rigid_state_dict", _wrap_rigid_state_dict),
                        ("_configure_tensor_swapping", _wrap_configure_tensor_swapping),
                        ("_swappable_optimizer_subgroup", _wrap_swappable_optimizer_subgroup)):
         method = getattr(DeepSpeedZeroOptimizer_Stage3, name)
@@ -1048,6 +1151,32 @@ class TieredOptimizerSwapper(PartitionedOptimizerSwapper):
         for buffers in self._retiring:
             self.swap_buffer_manager.free(buffers)
         self._retiring = []
+
+    # --- checkpoints ---------------------------------------------------------------------------
+
+    def materialize(self, parameters: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Give the streamed sub-groups' master weights and states their values in plain memory,
+        for a checkpoint to save (upstream saves the empty placeholders of swapped tensors)."""
+        held = []
+        for parameter in parameters:
+            self.swap_in_optimizer_state(parameter)
+            swap_info = self._get_param_swap_info(parameter)
+            for tensor in swap_info.get_compute_tensors():
+                tensor.data = tensor.data.clone()
+                held.append(tensor)
+            self.swap_buffer_manager.free(swap_info.swap_buffers)
+            swap_info.swap_buffers = []
+            parameter.grad = None  # it pointed into a staging buffer
+        return held
+
+    def write_states(self, tensors: list[torch.Tensor], paths: list[str]) -> None:
+        """Write checkpoint values into these state files (with checksums), now."""
+        self._reclaim()
+        buffers = self.swap_buffer_manager.allocate_all(num_elems=self.largest_numel, dtype=self.dtype)
+        try:
+            self._swap_out_unpinned_tensors(self.aio_handle, tensors, paths, buffers)
+        finally:
+            self.swap_buffer_manager.free(buffers)
 
     def pre_backward(self) -> None:
         # The gradient swap-out takes every free buffer: the last step's write-backs end first.

@@ -83,7 +83,9 @@ def test_both_tiers_at_once_with_upstreams_default_buffer_count(tmp_path, projec
     assert ours.optimizer_tier["prefetched_reads"] <= 2  # the initial master weights only
 
 
-def _engine(project_root, model_dir, swap):
+def _engine(project_root, model_dir, swap, tencache: dict | None = None,
+            optimizer_device: str = "nvme"):
+    """An engine with the optimizer on NVMe: stock without ``tencache``, ours with it."""
     import deepspeed
     import torch
     from transformers import AutoModelForCausalLM
@@ -95,49 +97,59 @@ def _engine(project_root, model_dir, swap):
     deepspeed.init_distributed(dist_backend="gloo")
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    config = optimizer_nvme_config(project_root, swap, {})
-    engine, *_ = ds_tencache.initialize(model=model, model_parameters=model.parameters(),
-                                        config=copy.deepcopy(config))
+    config = optimizer_nvme_config(project_root, swap, tencache)
+    config["zero_optimization"]["offload_optimizer"]["device"] = optimizer_device
+    initialize = deepspeed.initialize if tencache is None else ds_tencache.initialize
+    engine, *_ = initialize(model=model, model_parameters=model.parameters(),
+                            config=copy.deepcopy(config))
     return engine
 
 
-def _steps(engine, model_dir, count: int) -> None:
+def _steps(engine, model_dir, count: int, skip: int = 0) -> list[float]:
+    """Train on batches ``skip`` to ``count`` of the seeded sequence; their losses."""
     from tiny_llama import causal_lm_batches
 
-    for batch in causal_lm_batches(model_dir, 4, 64, count, seed=1):
-        engine.backward(engine(input_ids=batch, labels=batch).loss)
+    losses = []
+    for batch in causal_lm_batches(model_dir, 4, 64, count, seed=1)[skip:]:
+        loss = engine(input_ids=batch, labels=batch).loss
+        engine.backward(loss)
         engine.step()
+        losses.append(loss.item())
+    return losses
 
 
-@pytest.mark.parametrize("fault, message", SWAP_FILE_FAULTS.items())
-def test_damaged_optimizer_state_file_stops_training_naming_it(tmp_path, project_root,
-                                                              tiny_model_dir, fault, message):
-    from ds_tencache.deepspeed_hooks import TieredOptimizerSwapper
-    from ds_tencache.tiers import SwapFileError
+def test_checkpoint_round_trip_with_the_optimizer_tier_resumes_like_host_memory(
+        tmp_path, project_root, tiny_model_dir):
+    """Save at step 5 and resume. Stock ZeRO-Infinity saves the empty placeholders of swapped
+    sub-groups, so its resumed run silently restarts them from the initial weights (asserted: this
+    test says so when upstream fixes it). tencache saves and restores them; the reference is
+    DeepSpeed's own round trip with the optimizer in host memory, whose first resumed step equals
+    the uninterrupted run (later ones drift in the last digits: the CPU Adam op keeps state that
+    checkpoints do not carry)."""
+    def round_trip(name: str, config_at) -> tuple[list[float], list[float]]:
+        uninterrupted = config_at(tmp_path / f"{name}-a")
+        expected = _steps(uninterrupted, tiny_model_dir, 8)
+        uninterrupted.destroy()
+        saver = config_at(tmp_path / f"{name}-b")
+        _steps(saver, tiny_model_dir, 5)
+        saver.save_checkpoint(str(tmp_path / f"{name}-ckpt"), tag="step5")
+        saver.destroy()
+        resumed = config_at(tmp_path / f"{name}-c")
+        resumed.load_checkpoint(str(tmp_path / f"{name}-ckpt"), tag="step5")
+        losses = _steps(resumed, tiny_model_dir, 8, skip=5)
+        resumed.destroy()
+        return expected, losses
 
-    engine = _engine(project_root, tiny_model_dir, tmp_path)
-    _steps(engine, tiny_model_dir, 2)
-    swapper = engine.optimizer.optimizer_swapper
-    assert isinstance(swapper, TieredOptimizerSwapper)
-    swapper.writes.wait_all()
-    # An Adam moment of the first streamed sub-group, as it was written after the last step.
-    path = min(Path(swapper.swap_folder).glob("exp_avg_sq-*.tensor.swp"))
-    damage_swap_file(path, fault)
-    with pytest.raises(SwapFileError, match=rf"{path} {message}"):
-        _steps(engine, tiny_model_dir, 1)
+    def host_memory(swap: Path):
+        engine = _engine(project_root, tiny_model_dir, swap, optimizer_device="cpu")
+        assert engine.optimizer.optimizer_swapper is None
+        return engine
 
-
-def test_gradient_files_of_a_larger_model_are_checked_too(tmp_path, project_root):
-    """The small model's gradient partitions reach DeepSpeed's 1 MiB swap minimum, so backward
-    writes them to files; their checksums are verified when the optimizer step reads them."""
-    import ds_tencache
-    from ds_tencache.training_run import train
-    from tiny_llama import ensure_model
-
-    small = ensure_model("small")
-    stock = train(small, optimizer_nvme_config(project_root, tmp_path / "stock"), steps=3)
-    ours = train(small, optimizer_nvme_config(project_root, tmp_path / "ours", {}), steps=3,
-                 initialize=ds_tencache.initialize)
-    assert ours.losses == stock.losses
-    assert ours.optimizer_tier["gradient_files"] > 0
-    assert ours.optimizer_tier["verified_gradient_reads"] >= ours.optimizer_tier["gradient_files"]
+    reference_expected, reference = round_trip("host", host_memory)
+    stock_expected, stock = round_trip("stock", lambda swap: _engine(project_root, tiny_model_dir, swap))
+    expected, ours = round_trip("ours", lambda swap: _engine(project_root, tiny_model_dir, swap,
+                                                            {"optimizer_cpu_budget": "10MiB"}))
+    assert expected == stock_expected == reference_expected
+    assert reference[0] == expected[5]
+    assert stock[0] != expected[5] and stock[0] > expected[0] - 0.1  # back near the initial loss
+    assert ours == reference

@@ -124,3 +124,22 @@ def test_optimizer_swapper_we_extend_keeps_its_shape():
     # The CPU tier relies on ZeRO-3 asking this one method whether a sub-group is swapped.
     init_source = inspect.getsource(DeepSpeedZeroOptimizer_Stage3._create_fp32_partitions)
     assert "if self._swappable_optimizer_subgroup(i):" in init_source
+
+
+def test_optimizer_checkpoint_points_still_exist():
+    """The optimizer tier's checkpoint path: the engine's NVMe switch, the state-file names and
+    the order in which torch numbers the sub-groups' states."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.swap_tensor.optimizer_utils import OptimizerSwapper
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+    stage3 = _method_arguments(DeepSpeedZeroOptimizer_Stage3)
+    assert stage3["_rigid_state_dict"] == ["self"]
+    load = inspect.getsource(DeepSpeedEngine.load_checkpoint)
+    assert "if load_zero_checkpoint and not self.zero_nvme_offload_optimizer():" in load
+    assert "getattr(self.optimizer, \"swap_optimizer\", False)" in inspect.getsource(
+        inspect.unwrap(DeepSpeedEngine.zero_nvme_offload_optimizer))
+    assert "value.ds_id = state_name + '-' + parameter.ds_id" in inspect.getsource(
+        OptimizerSwapper._get_state_tensors)
+    assert "self.optimizer.param_groups[param_group_id]['params'].append(" in inspect.getsource(
+        DeepSpeedZeroOptimizer_Stage3._set_fp32_optimizer_param_groups)
