@@ -998,6 +998,8 @@ class TieredOptimizerSwapper(PartitionedOptimizerSwapper):
         atexit.register(_drain_streams, weakref.ref(self))
 
     def keeps_in_cpu(self, sub_group_id: int, numels: list[int]) -> bool:
+        """Whether a sub-group is in the CPU tier; decided at ZeRO-3's first question, the first
+        moment every sub-group's size is known (it asks before creating any fp32 partition)."""
         if self.cpu_subgroups is None:
             self.cpu_subgroups = optimizer_cpu_subgroups(
                 numels, self.cpu_budget, lambda numel: self.is_swappable_tensor(numel=numel))
