@@ -847,8 +847,9 @@ class TieredParameterSwapper(AsyncPartitionedParameterSwapper):
         self.synchronize_writes()
         self.pool.recarve(layout.buffers_per_class)
         self._init_carving = False
-        if layout.packed:
-            self._pack = self.pool.acquire(layout.pack_bytes)
+        if layout.packed:  # asks for the bytes the packed partitions use, in the pack's class
+            self._pack = self.pool.acquire(max(offset + self.partition_bytes[param_id]
+                                               for param_id, offset in layout.packed.items()))
         for param_id, offset in layout.packed.items():
             param = params[param_id]
             view = self._pack.view[offset:offset + self.partition_bytes[param_id]].view(param.dtype)

@@ -71,13 +71,16 @@ class PoolStats:
     reserved_bytes: int  # the one allocation
     in_use_bytes: int  # class bytes of buffers handed out now
     peak_in_use_bytes: int
-    peak_requested_bytes: int  # bytes callers asked for, at the peak of in-use class bytes
+    # the most bytes callers held at once (the bytes of their tensors, not of the classes)
+    peak_requested_bytes: int
+    requested_at_peak_bytes: int  # bytes callers held when the in-use class bytes peaked
     allocations: int  # underlying allocations made (1 per pool, 0 if empty)
     acquires: int
 
     @property
     def utilisation(self) -> float:
-        """Peak bytes really used / bytes reserved: what fixed slots waste shows up here."""
+        """Peak bytes really used / bytes reserved: what fixed slots waste shows up here. The
+        same measure as ZeRO-Infinity's slots get (the most partition bytes in them at once)."""
         return self.peak_requested_bytes / self.reserved_bytes if self.reserved_bytes else 1.0
 
     @property
@@ -85,7 +88,7 @@ class PoolStats:
         """Share of the in-use class bytes at the peak that rounding to classes wasted."""
         if not self.peak_in_use_bytes:
             return 0.0
-        return 1.0 - self.peak_requested_bytes / self.peak_in_use_bytes
+        return 1.0 - self.requested_at_peak_bytes / self.peak_in_use_bytes
 
 
 class PoolExhaustedError(RuntimeError):
@@ -136,7 +139,7 @@ class PinnedBufferPool:
             self._free[size] = [offset + i * size for i in range(buffers_per_class[size])]
             offset += size * buffers_per_class[size]
         self._in_use = self._requested = 0
-        self._peak = self._peak_requested = 0
+        self._peak = self._requested_at_peak = self._peak_requested = 0
 
     def recarve(self, buffers_per_class: Mapping[int, int]) -> None:
         """Divide the same allocation into new classes; peaks restart (they describe one carving).
@@ -184,7 +187,8 @@ class PinnedBufferPool:
         self._in_use += size
         self._requested += nbytes
         if self._in_use > self._peak:
-            self._peak, self._peak_requested = self._in_use, self._requested
+            self._peak, self._requested_at_peak = self._in_use, self._requested
+        self._peak_requested = max(self._peak_requested, self._requested)
         return PooledBuffer(self._storage[offset:offset + size], size, nbytes, offset)
 
     def release(self, buffer: PooledBuffer) -> None:
@@ -197,4 +201,4 @@ class PinnedBufferPool:
 
     def stats(self) -> PoolStats:
         return PoolStats(self._reserved, self._in_use, self._peak, self._peak_requested,
-                         self._allocations, self._acquires)
+                         self._requested_at_peak, self._allocations, self._acquires)

@@ -59,6 +59,19 @@ def test_buffers_are_reused_with_one_allocation():
     assert stats.utilisation == pytest.approx((5000 + 8192 + 10000) / (2 * 8192 + 16384))
 
 
+def test_peak_in_use_is_the_most_bytes_held_at_once():
+    pool = PinnedBufferPool({8192: 1, 16384: 1}, ALIGN)
+    big = pool.acquire(16000)  # the tensor bytes peak here ...
+    pool.release(big)
+    a, b = pool.acquire(8000), pool.acquire(5000, spill=True)  # ... the class bytes here (spilled)
+    stats = pool.stats()
+    assert stats.peak_in_use_bytes == 8192 + 16384 and stats.requested_at_peak_bytes == 13000
+    assert stats.peak_requested_bytes == 16000
+    assert stats.utilisation == pytest.approx(16000 / (8192 + 16384))
+    assert stats.fragmentation == pytest.approx(1 - 13000 / (8192 + 16384))
+    pool.release(a), pool.release(b)
+
+
 def test_views_do_not_overlap():
     pool = PinnedBufferPool({4096: 3, 8192: 2}, ALIGN)
     buffers = [pool.acquire(4096) for _ in range(3)] + [pool.acquire(8000) for _ in range(2)]
