@@ -21,11 +21,19 @@ goes on. Each charge costs at most one refresh. Code that ever *lowers* a counte
 
 Admission gate. vLLM's scheduler asks ``if not request_queue`` right before it peeks at the
 head to admit it, once per admission, and nowhere else (a pinned test checks this in
-0.32's ``Scheduler.schedule``). While ``admission_gate`` is set, truth therefore answers "may the
-head join the running batch now": the scheduler adapter sets it for the duration of its
-``schedule()`` call so that the throttle's headroom rule sees each head with the memory left at
-that moment, and a refused head stops admission for the step (nobody overtakes it). ``len``
-still counts every queued request. Unset (the default) truth is plain non-emptiness.
+0.32's ``Scheduler.schedule``). While ``admission_gate`` is set, the queue serves the first
+tenant head in counter order that the gate accepts: truth answers "may some head join the
+running batch now", and ``peek_request`` / ``pop_request`` return that head. The scheduler
+adapter sets the gate (the throttle's headroom rule) for the duration of its ``schedule()``
+call, so that the rule sees each head with the memory left at that moment. A refused head is
+passed over, not waited for: the headroom it is refused exists to keep memory for in-allowance
+requests, so those behind it must be able to take it in the same step (stopping at a refused
+head, as a first version did, left the memory idle and the in-allowance requests waiting; the
+simulator's ``burst`` p99 TTFT halved once they could pass). Within a tenant the order stays
+FIFO. The head chosen is remembered until the queue changes or truth is asked again, so that
+the pop after vLLM's allocation removes the request it peeked even though the gate, asked
+again with less memory free, might now refuse it. ``len`` still counts every queued request.
+Unset (the default) truth is plain non-emptiness and the head is the lowest-counter one.
 
 Activity. When a tenant's deque goes from empty to non-empty the queue activates the tenant in
 the counters (which applies VTC's lift if it was idle). Deactivating a tenant that has nothing
@@ -72,8 +80,19 @@ class FairRequestQueue:
         self._heap: list[tuple[float, float, str, int]] = []  # (counter, head arrival, tenant, seq)
         self._live: dict[str, int] = {}  # tenant -> seq of its live heap entry
         self._seq = itertools.count()
-        #: While set, ``bool(queue)`` is ``gate(head)`` for a non-empty queue (see the module).
-        self.admission_gate: Callable[[QueuedRequest], bool] | None = None
+        self._gate: Callable[[QueuedRequest], bool] | None = None
+        self._admissible: str | None = None  # tenant whose head the gate accepted, until a change
+
+    @property
+    def admission_gate(self) -> Callable[[QueuedRequest], bool] | None:
+        """While set, the queue serves the first tenant head in counter order that the gate
+        accepts, and ``bool(queue)`` says whether there is one (see the module)."""
+        return self._gate
+
+    @admission_gate.setter
+    def admission_gate(self, gate: Callable[[QueuedRequest], bool] | None) -> None:
+        self._gate = gate
+        self._admissible = None
 
     # ------------------------------------------------------------------- RequestQueue API
 
@@ -89,14 +108,18 @@ class FairRequestQueue:
         self._push(tenant)
 
     def pop_request(self) -> QueuedRequest:
-        """Remove and return the head of the tenant with the lowest counter."""
-        tenant = self._top("pop from an empty queue")
+        """Remove and return the head of the tenant with the lowest counter (while an admission
+        gate is set, the first head it accepts)."""
+        tenant = self._serving("pop from an empty queue")
+        self._admissible = None
         queue = self._queues[tenant]
         request = queue.popleft()
         del self._tenant_of[request]
-        heapq.heappop(self._heap)  # _top left this tenant's live entry on top
+        top = self._heap[0]
+        if top[2] == tenant and top[3] == self._live[tenant]:
+            heapq.heappop(self._heap)  # its live entry is on top unless a gate passed others over
         if queue:
-            self._push(tenant)
+            self._push(tenant)  # any previous entry dies
         else:
             del self._queues[tenant]
             del self._live[tenant]
@@ -104,7 +127,7 @@ class FairRequestQueue:
 
     def peek_request(self) -> QueuedRequest:
         """The request ``pop_request`` would return now."""
-        return self._queues[self._top("peek from an empty queue")][0]
+        return self._queues[self._serving("peek from an empty queue")][0]
 
     def prepend_request(self, request: QueuedRequest) -> None:
         """Put a request back at the front of its tenant's queue (after preemption or a skip)."""
@@ -152,11 +175,13 @@ class FairRequestQueue:
 
     def __bool__(self) -> bool:
         """Whether a request can be taken now: one is queued and, while an admission gate is
-        set, the gate lets the head join (see the module)."""
+        set, the gate lets some tenant's head join (see the module)."""
         if not self._tenant_of:
             return False
-        gate = self.admission_gate
-        return gate is None or gate(self.peek_request())
+        if self._gate is None:
+            return True
+        self._admissible = self._first_admissible(self._gate)
+        return self._admissible is not None
 
     def __len__(self) -> int:
         return len(self._tenant_of)
@@ -204,6 +229,7 @@ class FairRequestQueue:
     # ---------------------------------------------------------------------------- internals
 
     def _enter(self, request: QueuedRequest) -> str:
+        self._admissible = None
         if request in self._tenant_of:
             # A request queued twice would be served twice; this is a caller bug.
             raise ValueError(f"request {request!r} is already in the queue")
@@ -212,6 +238,7 @@ class FairRequestQueue:
         return tenant
 
     def _after_removal(self, tenant: str, head_changed: bool) -> None:
+        self._admissible = None
         if not self._queues[tenant]:
             del self._queues[tenant]
             del self._live[tenant]  # its heap entry is now dead
@@ -234,6 +261,31 @@ class FairRequestQueue:
             self._live[tenant] = seq
             self._heap.append((self._counters.counter(tenant), queue[0].arrival_time, tenant, seq))
         heapq.heapify(self._heap)
+
+    def _serving(self, empty_message: str) -> str:
+        """Tenant whose head is served next: the lowest counter, or while a gate is set the first
+        in counter order whose head it accepts (the lowest counter when it accepts none)."""
+        if self._gate is None:
+            return self._top(empty_message)
+        if self._admissible is None:
+            self._admissible = self._first_admissible(self._gate)
+        return self._admissible if self._admissible is not None else self._top(empty_message)
+
+    def _first_admissible(self, gate: Callable[[QueuedRequest], bool]) -> str | None:
+        """First tenant in counter order whose head ``gate`` accepts, or None. O(k log T) for k
+        heads refused: refused tenants' entries are set aside while the next one is found, then
+        pushed back unchanged (still live)."""
+        set_aside: list[tuple[float, float, str, int]] = []
+        try:
+            for _ in range(len(self._queues)):  # each round a tenant not yet set aside is on top
+                tenant = self._top("no waiting tenant left")
+                if gate(self._queues[tenant][0]):
+                    return tenant
+                set_aside.append(heapq.heappop(self._heap))
+            return None
+        finally:
+            for entry in set_aside:
+                heapq.heappush(self._heap, entry)
 
     def _top(self, empty_message: str) -> str:
         """Tenant to serve next, with its live, up-to-date entry left on top of the heap."""

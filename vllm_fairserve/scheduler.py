@@ -56,8 +56,10 @@ How each part of vLLM's scheduler is bound (the upstream methods overridden are 
   same step. *Headroom* is applied at vLLM's admission check itself: for the duration of
   ``super().schedule()`` the fair queue's ``admission_gate`` is ``Throttle.may_join_batch``, and
   vLLM asks the queue's truth right before it peeks at each head to admit it (see queue.py),
-  so the rule sees every head with the memory left at that moment, and a refused head stops
-  admission for the step, as in the simulator. Both size a request by its whole sequence,
+  so the rule sees every head with the memory left at that moment; a refused head is passed
+  over for the next tenant's head the rule accepts, as in the simulator, since the headroom it
+  is refused is kept for exactly those requests. The eviction pre-pass picks its head the same
+  way, with the memory the running pass will leave. Both size a request by its whole sequence,
   as vLLM 0.32's own admission does (``scheduler_reserve_full_isl``).
 - **Throttle.** ``add_request`` asks ``Throttle.submit`` (after reporting the load: KV-cache
   usage and the length of vLLM's waiting queues). A held request goes through vLLM's own
@@ -196,7 +198,6 @@ class FairScheduler(Scheduler):
         # id(scheduler output) -> (that output, [(identity, prompt tokens)]) until its step returns.
         self._pending_prompt_charges: dict[int, tuple[SchedulerOutput, list[tuple[RequestIdentity, int]]]] = {}
         self._throttle_outputs: dict[int, list[EngineCoreOutput]] = {}  # client index -> final outputs
-        self._gate_now = 0.0  # the throttle's clock for the admission gate during one schedule()
         _use_vllm_log_handlers()
         logger.info(
             "fairserve: %s active (vLLM %s, async scheduling %s): %d weighted tenants, %d applications, "
@@ -303,8 +304,9 @@ class FairScheduler(Scheduler):
             self._release_and_expire(now)
         self._order_running_for_preemption()
         self._evict_for_waiting_head(now)
-        self.waiting.admission_gate = self._may_join_batch
-        self._gate_now = now
+        block_pool = self.kv_cache_manager.block_pool
+        self.waiting.admission_gate = lambda request: self._may_join_batch(
+            request, block_pool.get_num_free_blocks(), now)
         try:
             output = super().schedule(throttle_prefills)
         finally:
@@ -348,12 +350,13 @@ class FairScheduler(Scheduler):
         (unknown before vLLM looks them up, so the rules err towards keeping memory free)."""
         return self._blocks_for(min(request.num_tokens, self.max_model_len))
 
-    def _may_join_batch(self, request: Request) -> bool:
-        """The throttle's headroom rule for the waiting head, asked by vLLM's admission loop
-        through the fair queue's admission gate with the memory left at that moment."""
-        free_after = self.kv_cache_manager.block_pool.get_num_free_blocks() - self._admission_blocks(request)
+    def _may_join_batch(self, request: Request, free_blocks: int, now: float) -> bool:
+        """The throttle's headroom rule for a waiting tenant head with ``free_blocks`` free (the
+        fair queue's admission gate: vLLM's admission loop asks it with the memory left at that
+        moment, the eviction pre-pass with what the running pass will leave)."""
+        free_after = free_blocks - self._admission_blocks(request)
         return self.throttle.may_join_batch(self._identity_of(request), max(free_after, 0) * self.block_size,
-                                            self._kv_capacity_tokens(), not self.running, self._gate_now)
+                                            self._kv_capacity_tokens(), not self.running, now)
 
     def _running_pass_blocks(self) -> tuple[dict[Request, int], int]:
         """What vLLM's coming running pass will take: {running request: new blocks}, and the
@@ -380,8 +383,9 @@ class FairScheduler(Scheduler):
         return taken, budget
 
     def _evict_for_waiting_head(self, now: float) -> None:
-        """The throttle's eviction rule, before vLLM schedules: when the waiting request next in
-        fair order will lack KV blocks after the running pass, preempt what
+        """The throttle's eviction rule, before vLLM schedules: when the waiting request vLLM
+        will admit next (the first tenant head in fair order that the headroom rule accepts with
+        the memory the running pass leaves) will lack KV blocks, preempt what
         ``Throttle.admission_victims`` names, through vLLM's own ``_preempt_request`` (the victim
         returns to the front of its tenant's queue, its output so far kept, and is recomputed).
 
@@ -394,14 +398,20 @@ class FairScheduler(Scheduler):
         if (not self.waiting or self.kv_holding_waiting or self._pause_state != PauseState.UNPAUSED
                 or len(self.running) + self.num_waiting_for_streaming_input >= self.max_num_active_reqs):
             return
-        head = self.waiting.peek_request()
-        identity = self._identity_of(head)
-        if self.throttle.over_allowance(identity, now):
-            return  # the rule only ever makes room for in-allowance requests
         taken, budget_left = self._running_pass_blocks()
         if budget_left <= 0:
             return  # vLLM will not reach the waiting queue in this step
         free = self.kv_cache_manager.block_pool.get_num_free_blocks() - sum(taken.values())
+        self.waiting.admission_gate = lambda request: self._may_join_batch(request, free, now)
+        try:
+            head = self.waiting.peek_request() if self.waiting else None
+        finally:
+            self.waiting.admission_gate = None
+        if head is None:
+            return  # the headroom rule refuses every head: vLLM will admit none
+        identity = self._identity_of(head)
+        if self.throttle.over_allowance(identity, now):
+            return  # the rule only ever makes room for in-allowance requests
         short = self._admission_blocks(head) - free
         if short <= 0:
             return

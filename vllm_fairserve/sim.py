@@ -12,8 +12,11 @@ enough that a policy's effect on who is served when carries over:
   request fits when the free blocks hold its whole prompt, though it takes only its first
   chunk's blocks now. Two policy hooks, which vLLM's own policies leave
   inert, come in here: the policy may free the head's blocks by preempting running requests
-  (``make_room``), and may hold the head back although it fits (``may_join``); FairServe's
+  (``make_room``), and may hold a request back although it fits (``may_join``); FairServe's
   throttle uses them to keep over-allowance traffic out of the KV headroom (``throttle.py``).
+  A request ``may_join`` refuses does not stop admission: the policy's queue serves the first
+  request it accepts (``set_admission_gate``), as the fair queue does under vLLM, since the
+  headroom it was refused is kept for exactly those requests.
 - The KV cache is ``num_kv_blocks`` blocks of ``block_size`` tokens. A request holds
   ceil(tokens computed / block_size) blocks. When a running request cannot get the blocks of
   its next tokens, the policy picks a victim, which loses all its blocks (recompute
@@ -265,32 +268,44 @@ class Engine:
                     break
         if preempted:
             return scheduled, True  # as vLLM: no admissions in a step that preempted
-        while budget and len(self._running) < cfg.max_num_seqs and self.policy.num_waiting():
-            request = self.policy.peek()
-            tokens = min(request.remaining, budget)
-            need = self._blocks_for(tokens)
-            # The blocks that must be free for it to join (vLLM's gate, see EngineConfig); only
-            # its first chunk's are taken now.
-            gate = self._blocks_for(request.remaining) if cfg.scheduler_reserve_full_isl else need
-            if gate > self._free_blocks:
-                victims = self.policy.make_room(request, gate - self._free_blocks, self._running)
-                if not victims:
-                    break  # the head waits for memory; nobody overtakes it
-                for victim in victims:
-                    budget += scheduled.pop(victim, 0)
-                    self._preempt(victim)
-                continue  # the policy freed enough for the head, which is still first
-            free_after = (self._free_blocks - gate) * cfg.block_size
-            if not self.policy.may_join(request, free_after, cfg.kv_capacity_tokens, not self._running):
-                break  # held back to keep headroom; nobody overtakes it
-            self._dequeue()
-            self._free_blocks -= need
-            request.blocks = need
-            self._running[request] = None
-            self._running_of[request.tenant_index] += 1
-            self.policy.on_admitted(request)
-            scheduled[request] = tokens
-            budget -= tokens
+
+        def join_blocks(request: SimRequest) -> int:
+            """The blocks that must be free for ``request`` to join (vLLM's gate, see
+            EngineConfig); only its first chunk's are taken now."""
+            return self._blocks_for(request.remaining if cfg.scheduler_reserve_full_isl
+                                    else min(request.remaining, budget))
+
+        def may_join(request: SimRequest) -> bool:
+            free_after = max(self._free_blocks - join_blocks(request), 0) * cfg.block_size
+            return self.policy.may_join(request, free_after, cfg.kv_capacity_tokens, not self._running)
+
+        self.policy.set_admission_gate(may_join)
+        try:
+            while budget and len(self._running) < cfg.max_num_seqs and self.policy.num_waiting():
+                request = self.policy.peek()
+                if not may_join(request):
+                    break  # no waiting request passes the policy's headroom rule
+                gate = join_blocks(request)
+                if gate > self._free_blocks:
+                    victims = self.policy.make_room(request, gate - self._free_blocks, self._running)
+                    if not victims:
+                        break  # the request waits for memory; nobody overtakes it
+                    for victim in victims:
+                        budget += scheduled.pop(victim, 0)
+                        self._preempt(victim)
+                    continue  # the policy freed enough for the request, which is still first
+                tokens = min(request.remaining, budget)
+                need = self._blocks_for(tokens)
+                self._dequeue()
+                self._free_blocks -= need
+                request.blocks = need
+                self._running[request] = None
+                self._running_of[request.tenant_index] += 1
+                self.policy.on_admitted(request)
+                scheduled[request] = tokens
+                budget -= tokens
+        finally:
+            self.policy.set_admission_gate(None)
         return scheduled, False
 
     def _preempt(self, request: SimRequest) -> None:

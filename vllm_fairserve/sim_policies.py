@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from vllm_fairserve.config import FairServeConfig, load_config
@@ -54,6 +54,11 @@ class Policy(ABC):
     @abstractmethod
     def num_waiting(self) -> int:
         """Requests in the waiting queue (held requests are not in it)."""
+
+    def set_admission_gate(self, gate: Callable[[SimRequest], bool] | None) -> None:
+        """While set (the engine sets it for a step's admissions to its test of ``may_join``),
+        ``peek`` and ``pop`` serve the first waiting request in the policy's order that the gate
+        accepts. FIFO policies ignore it: their ``may_join`` accepts every request."""
 
     # --- arrivals and holding
     def submit(self, request: SimRequest, now: float) -> tuple[Admission, str]:
@@ -198,6 +203,9 @@ class _CounterPolicy(Policy):
 
     def num_waiting(self) -> int:
         return len(self.queue)
+
+    def set_admission_gate(self, gate: Callable[[SimRequest], bool] | None) -> None:
+        self.queue.admission_gate = gate  # type: ignore[assignment]
 
     def on_output_tokens(self, identity: RequestIdentity, tokens: int, now: float) -> None:
         self.counters.charge_decode(identity.tenant, identity.application, tokens)

@@ -508,6 +508,26 @@ def test_over_allowance_request_waits_for_headroom_in_allowance_one_does_not(tin
 
 
 @MODES
+def test_a_head_refused_headroom_does_not_stop_admission_behind_it(tiny_model_dir, mode):
+    # As above: f3 is refused for the headroom line. "calm" (in its allowance) arrives behind it
+    # in fair order (lifted to the flood's counter, later arrival) and must join in the very
+    # next step: the headroom f3 is refused is kept for requests like calm's.
+    scheduler, driver = build_mode(tiny_model_dir, mode, fairserve=JOIN_RULES, num_blocks=17,
+                                   max_num_seqs=8, max_num_batched_tokens=256)
+    scheduler.clock = Clock()
+    driver.add(*(make_request(f"f{i}", tenant="flood", application="chat", prompt_tokens=40, max_tokens=6)
+                 for i in range(4)))
+    driver.step()
+    assert set(driver.scheduled[0]) == {"f0", "f1", "f2"}
+    driver.add(make_request("calm", tenant="calm", prompt_tokens=16, max_tokens=2))
+    assert scheduler.waiting.peek_request().request_id == "f3"  # first in fair order
+    driver.step()
+    assert "calm" in driver.scheduled[1] and "f3" not in driver.scheduled[1], driver.scheduled
+    driver.run()
+    assert set(driver.finished) == {"f0", "f1", "f2", "f3", "calm"}
+
+
+@MODES
 @pytest.mark.parametrize("rules", ["on", "off"])
 def test_in_allowance_request_evicts_over_allowance_ones_of_a_higher_counter(tiny_model_dir, mode, rules):
     # The line is at 1.0 here, so the flood fills 12 of the 16 blocks; "calm" needs 5 for its

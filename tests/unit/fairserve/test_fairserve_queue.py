@@ -128,12 +128,14 @@ def test_preempted_request_goes_back_to_the_front_of_its_tenant():
     assert queue.pop_request() is preempted
 
 
-def test_admission_gate_decides_truth_for_the_head_and_len_still_counts():
+def test_admission_gate_passes_over_a_refused_head_and_len_still_counts():
+    """An over-allowance head refused by the headroom rule must not stop admission: the
+    in-allowance request behind it (another tenant's head) is admitted in the same step."""
     counters, queue = make_queue()
     assert not queue  # empty: false, and the gate is not asked
     queue.add_request(FakeRequest("a1", "a", 1.0))
     queue.add_request(FakeRequest("b1", "b", 2.0))
-    counters.charge_decode("a", "default", 10)  # b's head is now first
+    counters.charge_decode("a", "default", 10)  # b's head is now first in fair order
     asked: list[str] = []
 
     def gate(head: FakeRequest) -> bool:
@@ -141,12 +143,34 @@ def test_admission_gate_decides_truth_for_the_head_and_len_still_counts():
         return head.tenant != "b"
 
     queue.admission_gate = gate
-    assert not queue and len(queue) == 2 and asked == ["b1"]  # the head is refused: stop admitting
-    counters.charge_decode("b", "default", 20)
-    assert queue and asked == ["b1", "a1"]
+    assert queue and len(queue) == 2 and asked == ["b1", "a1"]  # b1 is refused, a1 may join
+    assert queue.peek_request().request_id == "a1" and asked == ["b1", "a1"]  # remembered
+    assert queue.pop_request().request_id == "a1"
+    assert not queue and len(queue) == 1  # only the refused head is left: stop admitting
     queue.admission_gate = None
-    counters.charge_decode("a", "default", 20)
-    assert queue and asked == ["b1", "a1"]  # unset: plain non-emptiness
+    assert queue and queue.peek_request().request_id == "b1"  # unset: plain order
+
+
+def test_admission_gate_pick_is_popped_even_if_the_gate_changes_its_mind():
+    """vLLM allocates the peeked request's blocks before it pops it; asked again then, the
+    headroom rule could refuse it, so the pop must not ask again."""
+    _, queue = make_queue()
+    queue.add_request(FakeRequest("a1", "a", 1.0))
+    queue.add_request(FakeRequest("b1", "b", 2.0))
+    answers = iter([True, False, False])
+    queue.admission_gate = lambda head: next(answers)
+    assert queue and queue.peek_request().request_id == "a1"
+    assert queue.pop_request().request_id == "a1"
+
+
+def test_admission_gate_keeps_fifo_within_a_tenant():
+    """Only tenant heads are candidates: a refused head is not overtaken by its own tenant."""
+    _, queue = make_queue()
+    queue.add_request(FakeRequest("a1", "a", 1.0))
+    queue.add_request(FakeRequest("a2", "a", 2.0))
+    queue.admission_gate = lambda head: head.request_id != "a1"
+    assert not queue
+    assert queue.peek_request().request_id == "a1"  # no head accepted: the lowest-counter head
 
 
 def test_adding_a_queued_request_twice_is_an_error():
@@ -230,6 +254,30 @@ class QueueMachine(RuleBasedStateMachine):
         expected = brute_force_order(self.model, self.counters)[0]
         assert self.queue.peek_request() is expected
         popped = self.queue.pop_request()
+        assert popped is expected
+        self.model[popped.tenant].popleft()
+        self.gone.append(popped.request_id)
+
+    @precondition(lambda self: any(self.model.values()))
+    @rule(data=st.data())
+    def pop_through_gate(self, data):
+        """No request the gate accepts waits behind a refused one: with a gate set, the queue
+        serves the first tenant head in fair order that the gate accepts, and is false only
+        when it refuses every head."""
+        queued = [r for requests in self.model.values() for r in requests]
+        refused = {id(r) for r in data.draw(st.lists(st.sampled_from(queued), unique_by=id))}
+        heads = [requests[0] for requests in self.model.values() if requests]
+        heads.sort(key=lambda r: (self.counters.counter(r.tenant), r.arrival_time, r.tenant))
+        expected = next((head for head in heads if id(head) not in refused), None)
+        self.queue.admission_gate = lambda head: id(head) not in refused
+        try:
+            assert bool(self.queue) == (expected is not None)
+            if expected is None:
+                return
+            assert self.queue.peek_request() is expected
+            popped = self.queue.pop_request()
+        finally:
+            self.queue.admission_gate = None
         assert popped is expected
         self.model[popped.tenant].popleft()
         self.gone.append(popped.request_id)

@@ -271,6 +271,28 @@ def test_headroom_and_eviction_keep_a_flood_from_delaying_honest_users():
     assert lost_requests(with_rules) == 0
 
 
+class _RefusesTheFlooder(FairServePolicy):
+    """FairServe whose headroom rule refuses the flooder's requests while anything runs, as it
+    refuses an over-allowance pair's when the KV headroom is short."""
+
+    def may_join(self, request, free_kv_tokens_after, kv_capacity_tokens, batch_empty):
+        return batch_empty or request.tenant != "flooder"
+
+
+def test_a_request_refused_headroom_does_not_stop_the_ones_behind_it():
+    """Regression: the flooder's request is first in fair order (queued in the same step as
+    x's, equal counters, the smaller tenant id) and refused; x's request behind it must join
+    at once, not wait with it for the batch to empty (the headroom the flooder is refused is
+    kept for requests like x's)."""
+    workload = workload_of({"a": [(0.0, 8, 30)], "flooder": [(0.05, 8, 4)], "x": [(0.06, 8, 4)]})
+    result = simulate(workload, _RefusesTheFlooder(workload.fairserve_config()), replace(SMALL, fast_forward=False))
+    a, flooder, x = sorted(result.requests, key=lambda r: r.tenant)
+    assert flooder.queued_time == x.queued_time
+    assert x.first_token_time < a.end_time
+    assert flooder.first_token_time > a.end_time  # it joins once nothing else runs
+    assert lost_requests(result) == 0
+
+
 def test_throttling_never_holds_a_follow_up_call():
     """Agents and a flooder overload the engine; FairServe holds first calls (the flood's and,
     when over allowance, the agents'), but never a call of an interaction in progress."""
