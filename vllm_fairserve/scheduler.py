@@ -36,12 +36,13 @@ How each part of vLLM's scheduler is bound (the upstream methods overridden are 
   Output tokens also count toward the throttle's usage window; prompts are counted there by the
   throttle itself when a request is admitted.
 - **Preemption victim.** vLLM 0.32 picks the FCFS victim inline in ``schedule()`` as
-  ``self.running[-1]`` (then ``self.running.pop()``), with no hook. Counters only change in
-  ``update_from_output``, never during ``schedule()``, so ordering ``self.running`` by
-  ``preemption_order`` (counters.py, the simulator's victim too) just before each
-  ``schedule()`` makes every one of those picks the running request with the least KV
-  computed, whose recomputation wastes least, and among equals that of the tenant with the
-  highest counter. The same order serves running requests most computed first when the token
+  ``self.running[-1]`` (then ``self.running.pop()``), with no hook. Counters and usage
+  windows only change in ``update_from_output``, never during ``schedule()``, so ordering
+  ``self.running`` by ``preemption_order`` (counters.py, the simulator's victim too) just
+  before each ``schedule()`` makes every one of those picks a request of an over-allowance
+  pair if one runs (traffic the throttle would hold gives memory back first), then the running
+  request with the least KV computed, whose recomputation wastes least, and among equals that
+  of the tenant with the highest counter. The same order serves running requests most computed first when the token
   budget is short, much as vLLM's admission order does. vLLM's ``priority`` policy picks
   victims differently, so it is refused at construction.
 - **Joining the running batch** (the throttle's headroom and eviction rules, the simulator's
@@ -302,7 +303,7 @@ class FairScheduler(Scheduler):
         now = self.clock()
         if self._held:
             self._release_and_expire(now)
-        self._order_running_for_preemption()
+        self._order_running_for_preemption(now)
         self._evict_for_waiting_head(now)
         block_pool = self.kv_cache_manager.block_pool
         self.waiting.admission_gate = lambda request: self._may_join_batch(
@@ -316,22 +317,24 @@ class FairScheduler(Scheduler):
             self.publish_metrics()
         return output
 
-    def _order_running_for_preemption(self) -> None:
+    def _order_running_for_preemption(self, now: float) -> None:
         """Sort by ``preemption_order`` (stable: ties keep admission order), so vLLM's inline FCFS
-        victim ``running[-1]`` is the simulator's victim: the request with the least KV
-        computed, among equals that of the highest-counter tenant."""
+        victim ``running[-1]`` is the simulator's victim: a request of an over-allowance pair if
+        one runs, then the request with the least KV computed, among equals that of the
+        highest-counter tenant."""
         if len(self.running) < 2:
             return
         counter = self.counters.counter
+        over = self.throttle.over_allowance_at(now)
         identity_of = self._identity_of
         by_tenant: dict[str, float] = {}
 
-        def key(request: Request) -> tuple[float, int]:
-            tenant = identity_of(request).tenant
-            value = by_tenant.get(tenant)
+        def key(request: Request) -> tuple[bool, int, float]:
+            identity = identity_of(request)
+            value = by_tenant.get(identity.tenant)
             if value is None:
-                value = by_tenant[tenant] = counter(tenant)
-            return preemption_order(value, request.num_computed_tokens)
+                value = by_tenant[identity.tenant] = counter(identity.tenant)
+            return preemption_order(value, request.num_computed_tokens, over(identity))
 
         self.running.sort(key=key)
 

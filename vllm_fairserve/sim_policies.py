@@ -264,9 +264,9 @@ class FairServePolicy(_CounterPolicy):
     - A tenant is deactivated once it has nothing waiting and nothing running, so it is lifted
       when it comes back (VTC's lift over active tenants).
     - The victim of a preemption is the last running request in ``preemption_order``
-      (counters.py), the order ``FairScheduler`` sorts vLLM's running list by: the request
-      with the least KV computed (cheapest to recompute), among equals that of the tenant with
-      the highest counter.
+      (counters.py), the order ``FairScheduler`` sorts vLLM's running list by: a request of an
+      over-allowance pair if one runs, then the request with the least KV computed (cheapest
+      to recompute), among equals that of the tenant with the highest counter.
     - Joining the batch goes through the throttle's headroom and eviction rules
       (``Throttle.may_join_batch``, ``Throttle.admission_victims``) with the time of the step's
       start, as the scheduler adapter passes its clock.
@@ -327,9 +327,10 @@ class FairServePolicy(_CounterPolicy):
 
     def pick_victim(self, running: Mapping[SimRequest, None]) -> SimRequest:
         counter = self.counters.counter
+        over = self.throttle.over_allowance_at(self._now)
         # The last of the shared order; ties go to the last admitted (``running`` is in admission order).
-        _, victim = max(enumerate(running),
-                        key=lambda item: (*preemption_order(counter(item[1].tenant), item[1].computed), item[0]))
+        _, victim = max(enumerate(running), key=lambda item: (
+            *preemption_order(counter(item[1].tenant), item[1].computed, over(item[1].identity)), item[0]))
         return victim
 
 

@@ -49,7 +49,9 @@ over-allowance traffic yet free for everyone else:
   allowance and cannot get its KV blocks, running requests of over-allowance pairs whose tenant
   has a higher service counter are preempted (recomputed later, never lost) to make room:
   the one with the least KV computed first, whose recomputation wastes the least, then the
-  highest counter, then the last admitted, as vLLM's victim (``preemption_order``, counters.py).
+  highest counter, then the last admitted, as vLLM's victim (``preemption_order``, counters.py,
+  which also makes over-allowance requests the first victims when running requests outgrow
+  the cache).
   This is the fair queue's own rule (serve the lowest counter)
   carried over to memory; it only ever evicts traffic the throttle would hold, and only when
   evicting frees enough for the waiting request, so no work is thrown away for nothing.
@@ -69,7 +71,7 @@ from __future__ import annotations
 import enum
 import math
 from collections import OrderedDict, deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Generic, TypeVar
 
@@ -219,6 +221,20 @@ class Throttle:
             return False
         return self.usage(identity, now) > self._allowance(self.config.application(identity.application))
 
+    def over_allowance_at(self, now: float) -> Callable[[RequestIdentity], bool]:
+        """``over_allowance`` at ``now``, worked out once per (tenant, application): for callers
+        that ask it of every running request (victim choice, eviction)."""
+        known: dict[UsageKey, bool] = {}
+
+        def over(identity: RequestIdentity) -> bool:
+            key = (identity.tenant, identity.application)
+            value = known.get(key)
+            if value is None:
+                value = known[key] = self.over_allowance(identity, now)
+            return value
+
+        return over
+
     def _fits(self, identity: RequestIdentity, prompt_cost: float, now: float) -> bool:
         app = self.config.application(identity.application)
         return self.usage(identity, now) + prompt_cost <= self._allowance(app)
@@ -348,16 +364,14 @@ class Throttle:
         """
         if blocks_short <= 0 or not self._limits.enabled or self.over_allowance(waiting, now):
             return []
-        over: dict[UsageKey, bool] = {}
-        candidates: list[tuple[tuple[float, int], int, RunningRequest[RequestRef]]] = []
+        over = self.over_allowance_at(now)
+        candidates: list[tuple[tuple[bool, int, float], int, RunningRequest[RequestRef]]] = []
         for position, request in enumerate(running):
             if request.counter <= waiting_counter:
                 continue
-            key = (request.identity.tenant, request.identity.application)
-            if key not in over:
-                over[key] = self.over_allowance(request.identity, now)
-            if over[key]:
-                candidates.append((preemption_order(request.counter, request.computed_tokens), position, request))
+            if over(request.identity):
+                candidates.append((preemption_order(request.counter, request.computed_tokens, True),
+                                   position, request))
         # The victim order of any preemption (counters.py), last first.
         candidates.sort(key=lambda item: item[:2], reverse=True)
         victims: list[RequestRef] = []

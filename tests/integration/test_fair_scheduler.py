@@ -561,6 +561,26 @@ def test_in_allowance_request_evicts_over_allowance_ones_of_a_higher_counter(tin
     assert (service.input_tokens, service.output_tokens) == (160, 32)
 
 
+@MODES
+def test_over_allowance_requests_are_the_first_preemption_victims(tiny_model_dir, mode):
+    # a1's 44-token chat prompt puts tenant a over its allowance at once; b's requests are in
+    # theirs. vLLM's victim is running[-1]: after a step that admits nobody, the running list is
+    # in preemption order, and a1 is last though it has computed the most.
+    throttle = {**JOIN_RULES["throttle"], "kv_usage_threshold": 1.0}
+    scheduler, driver = build_mode(tiny_model_dir, mode, fairserve={**JOIN_RULES, "throttle": throttle},
+                                   num_blocks=17, max_num_seqs=8, max_num_batched_tokens=256)
+    scheduler.clock = Clock()
+    driver.add(make_request("b1", tenant="b", prompt_tokens=8, max_tokens=8),
+               make_request("a1", tenant="a", application="chat", prompt_tokens=44, max_tokens=8),
+               make_request("b2", tenant="b", prompt_tokens=8, max_tokens=8))
+    driver.step()
+    driver.step()
+    assert len(scheduler.running) == 3
+    assert scheduler.running[-1].request_id == "a1", [r.request_id for r in scheduler.running]
+    driver.run()
+    assert len(driver.finished) == 3
+
+
 def test_eviction_never_takes_in_allowance_or_lower_counter_requests(tiny_model_dir):
     # Same shape, but the running requests are in their allowance (default application): the
     # waiting request waits for memory as under vLLM's own scheduler.

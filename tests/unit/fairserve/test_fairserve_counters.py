@@ -201,9 +201,19 @@ def test_preemption_order_puts_the_least_computed_then_highest_counter_last():
     # (name, tenant counter, computed tokens) in admission order.
     running = [("a_long", 5.0, 300), ("b", 1.0, 20), ("a_short", 5.0, 20), ("a_short_later", 5.0, 20),
                ("c_fresh", 0.5, 4)]
-    ordered = sorted(running, key=lambda item: preemption_order(item[1], item[2]))  # stable, as vLLM's list
+    ordered = sorted(running, key=lambda item: preemption_order(item[1], item[2], False))  # stable, as vLLM's list
     # The victim (last) is the cheapest to recompute, whatever its tenant's counter; among equal
     # costs the highest counter, then the last admitted; the long request goes last of all.
     assert [name for name, *_ in ordered] == ["a_long", "b", "a_short", "a_short_later", "c_fresh"]
-    without_fresh = sorted(running[:4], key=lambda item: preemption_order(item[1], item[2]))
+    without_fresh = sorted(running[:4], key=lambda item: preemption_order(item[1], item[2], False))
     assert without_fresh[-1][0] == "a_short_later"
+
+
+def test_preemption_order_takes_over_allowance_requests_first():
+    """Traffic the throttle would hold gives memory back before any in-allowance request, even
+    when it has the most KV computed and its tenant the lowest counter."""
+    # (name, tenant counter, computed tokens, over allowance) in admission order.
+    running = [("flood_long", 0.5, 300, True), ("honest_fresh", 9.0, 4, False), ("flood_short", 0.5, 40, True),
+               ("honest", 5.0, 20, False)]
+    ordered = sorted(running, key=lambda item: preemption_order(*item[1:]))
+    assert [name for name, *_ in ordered] == ["honest", "honest_fresh", "flood_long", "flood_short"]
