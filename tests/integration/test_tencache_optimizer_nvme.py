@@ -153,3 +153,37 @@ def test_checkpoint_round_trip_with_the_optimizer_tier_resumes_like_host_memory(
     assert reference[0] == expected[5]
     assert stock[0] != expected[5] and stock[0] > expected[0] - 0.1  # back near the initial loss
     assert ours == reference
+
+
+@pytest.mark.parametrize("fault, message", SWAP_FILE_FAULTS.items())
+def test_damaged_optimizer_state_file_stops_training_naming_it(tmp_path, project_root,
+                                                              tiny_model_dir, fault, message):
+    from ds_tencache.deepspeed_hooks import TieredOptimizerSwapper
+    from ds_tencache.tiers import SwapFileError
+
+    engine = _engine(project_root, tiny_model_dir, tmp_path, {})
+    _steps(engine, tiny_model_dir, 2)
+    swapper = engine.optimizer.optimizer_swapper
+    assert isinstance(swapper, TieredOptimizerSwapper)
+    swapper.writes.wait_all()
+    # An Adam moment of the first streamed sub-group, as it was written after the last step.
+    path = min(Path(swapper.swap_folder).glob("exp_avg_sq-*.tensor.swp"))
+    damage_swap_file(path, fault)
+    with pytest.raises(SwapFileError, match=rf"{path} {message}"):
+        _steps(engine, tiny_model_dir, 1)
+
+
+def test_gradient_files_of_a_larger_model_are_checked_too(tmp_path, project_root):
+    """The small model's gradient partitions reach DeepSpeed's 1 MiB swap minimum, so backward
+    writes them to files; their checksums are verified when the optimizer step reads them."""
+    import ds_tencache
+    from ds_tencache.training_run import train
+    from tiny_llama import ensure_model
+
+    small = ensure_model("small")
+    stock = train(small, optimizer_nvme_config(project_root, tmp_path / "stock"), steps=3)
+    ours = train(small, optimizer_nvme_config(project_root, tmp_path / "ours", {}), steps=3,
+                 initialize=ds_tencache.initialize)
+    assert ours.losses == stock.losses
+    assert ours.optimizer_tier["gradient_files"] > 0
+    assert ours.optimizer_tier["verified_gradient_reads"] >= ours.optimizer_tier["gradient_files"]
