@@ -164,6 +164,13 @@ class Throttle:
         self._kv_usage = 0.0
         self._waiting = 0
         self._windows: dict[UsageKey, _Window] = {}
+        # application id -> allowance: the config is fixed, and the scheduler asks for every
+        # running request's pair at every step (a pydantic lookup and the arithmetic cost ~5 us)
+        self._allowances: dict[str, float] = {}
+        # Pairs whose usage may exceed their allowance: usage grows only when recorded, so a pair
+        # found under its allowance stays under until its next record, and the scheduler's
+        # per-step question (every running request's pair) is a set lookup for all the others.
+        self._maybe_over: set[UsageKey] = set()
         # (tenant, interaction) -> time its last call was admitted; oldest first, for pruning.
         self._interactions: OrderedDict[tuple[str, str], float] = OrderedDict()
         self._held: OrderedDict[str, _Held] = OrderedDict()  # request id -> held, in hold order
@@ -198,8 +205,11 @@ class Throttle:
 
     def allowance(self, application: str) -> float:
         """Weighted tokens a (tenant, ``application``) may use per window before it is held."""
-        app = self.config.application(application)
-        return self._allowance(app)
+        allowance = self._allowances.get(application)
+        if allowance is None:
+            allowance = self._allowances[application] = self._allowance(
+                self.config.application(application))
+        return allowance
 
     def _allowance(self, app: ApplicationConfig) -> float:
         """``usage_allowance`` times the expected interactions in a window, plus Poisson slack
@@ -219,7 +229,13 @@ class Throttle:
         window ending now (what makes its new interactions holdable under overload)."""
         if not self._limits.enabled:
             return False
-        return self.usage(identity, now) > self._allowance(self.config.application(identity.application))
+        key = (identity.tenant, identity.application)
+        if key not in self._maybe_over:
+            return False
+        if self.usage(identity, now) > self.allowance(identity.application):
+            return True
+        self._maybe_over.discard(key)
+        return False
 
     def over_allowance_at(self, now: float) -> Callable[[RequestIdentity], bool]:
         """``over_allowance`` at ``now``, worked out once per (tenant, application): for callers
@@ -236,8 +252,7 @@ class Throttle:
         return over
 
     def _fits(self, identity: RequestIdentity, prompt_cost: float, now: float) -> bool:
-        app = self.config.application(identity.application)
-        return self.usage(identity, now) + prompt_cost <= self._allowance(app)
+        return self.usage(identity, now) + prompt_cost <= self.allowance(identity.application)
 
     # ------------------------------------------------------------------------ the decisions
 
@@ -387,7 +402,7 @@ class Throttle:
         """Count generated tokens (prompts were counted when their request was admitted)."""
         if output_tokens < 0:
             raise ValueError(f"output_tokens = {output_tokens}: must be >= 0")
-        self._window_of((identity.tenant, identity.application)).add(now, self._weights.output * output_tokens)
+        self._use(identity, now, self._weights.output * output_tokens)
 
     # ----------------------------------------------------------------------------- reading
 
@@ -405,8 +420,15 @@ class Throttle:
 
     # --------------------------------------------------------------------------- internals
 
+    def _use(self, identity: RequestIdentity, now: float, tokens: float) -> None:
+        key = (identity.tenant, identity.application)
+        window = self._window_of(key)
+        window.add(now, tokens)
+        if window.total > self.allowance(identity.application):  # total >= the windowed usage
+            self._maybe_over.add(key)
+
     def _admitted(self, identity: RequestIdentity, prompt_cost: float, now: float) -> None:
-        self._window_of((identity.tenant, identity.application)).add(now, prompt_cost)
+        self._use(identity, now, prompt_cost)
         if identity.interaction is not None:
             key = (identity.tenant, identity.interaction)
             self._interactions[key] = now
@@ -455,7 +477,7 @@ class Throttle:
             f"{self._limits.max_hold_s:g} s; {load}. Tenant {identity.tenant!r} used "
             f"{self.usage(identity, now):.0f} weighted tokens of application {identity.application!r} in the "
             f"last {self._limits.window_s:g} s, and this request's prompt adds {held.prompt_cost:.0f}, against an "
-            f"allowance of {self._allowance(app):.0f} ({self._limits.usage_allowance:g}x the application's "
+            f"allowance of {self.allowance(identity.application):.0f} ({self._limits.usage_allowance:g}x the application's "
             f"characteristic: {app.interactions_per_minute:g} interactions/min x {app.calls_per_interaction} "
             "calls). Retry later or send fewer/shorter requests."
         )

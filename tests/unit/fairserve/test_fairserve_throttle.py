@@ -402,6 +402,19 @@ def test_over_allowance_is_window_usage_above_the_allowance():
     assert not throttle.over_allowance(chat(), 1.0 + THROTTLE["window_s"])  # the window slid past
 
 
+def test_over_allowance_again_after_the_window_slid_and_usage_grew():
+    """A pair found under its allowance is not looked at again until it records usage (the
+    scheduler asks for every running pair at every step); new usage must bring it back."""
+    throttle = Throttle(CONFIG)
+    over_allowance_chat(throttle, now=0.0)
+    later = THROTTLE["window_s"] + 1.0
+    assert not throttle.over_allowance(chat(), later)  # slid past: no longer over
+    throttle.record_usage(chat(), CHAT_ALLOWANCE // 2 // 2, now=later)  # half the allowance
+    assert not throttle.over_allowance(chat(), later)
+    throttle.record_usage(chat(), CHAT_ALLOWANCE // 2, now=later + 1.0)  # now 1.5x
+    assert throttle.over_allowance(chat(), later + 1.0)
+
+
 def test_prompt_headroom_is_the_longest_expected_prompt():
     assert Throttle(CONFIG).prompt_headroom_tokens == AGENT["expected_input_tokens"]
     summarise = {"id": "summarise", "expected_input_tokens": 2048, "expected_system_tokens": 64,
