@@ -358,7 +358,7 @@ def optimizer_tier_figures(engine: Any, steps: int) -> dict[str, Any] | None:
     if swapper is None:
         return None
     numels = optimizer.fp16_partitioned_groups_flat_numel
-    streamed = [i for i in range(len(numels)) if optimizer._swappable_optimizer_subgroup(i)]
+    streamed = _streamed_optimizer_subgroups(optimizer)
     figures = {
         "sub_groups": len(numels),
         "streamed_sub_groups": len(streamed),
@@ -1092,12 +1092,8 @@ class TieredOptimizerSwapper(PartitionedOptimizerSwapper):
         for tensor, path in zip(tensors, paths):
             self._write(tensor, path, swap_info.numel())
         unpinned, unpinned_paths = swap_info.get_swap_buffers_and_paths(False)
-        if unpinned:  # Adam's states after its first step: staged through free buffers
-            self._reclaim()
-            buffers = self.swap_buffer_manager.allocate_all(num_elems=self.largest_numel,
-                                                            dtype=self.dtype)
-            self._swap_out_unpinned_tensors(self.aio_handle, unpinned, unpinned_paths, buffers)
-            swap_info.swap_buffers += buffers
+        if unpinned:  # Adam's states after its first step
+            self.write_states(unpinned, unpinned_paths)
 
     def _swap_out_unpinned_tensors(self, aio_handle, unpinned_tensors, dest_paths,
                                    pinned_buffers) -> None:
@@ -1173,7 +1169,9 @@ class TieredOptimizerSwapper(PartitionedOptimizerSwapper):
         return held
 
     def write_states(self, tensors: list[torch.Tensor], paths: list[str]) -> None:
-        """Write checkpoint values into these state files (with checksums), now."""
+        """Write tensors held outside the staging buffers (Adam's new states, a checkpoint's
+        values) into these state files, with checksums, staged through the free buffers; the
+        writes are complete on return."""
         self._reclaim()
         buffers = self.swap_buffer_manager.allocate_all(num_elems=self.largest_numel, dtype=self.dtype)
         try:

@@ -123,12 +123,10 @@ def staging_peak(plan: Plan, streamed: set[int], class_bytes: Mapping[int, int])
             peak[size] = max(peak[size], held[size])
 
     by_group: dict[int, list] = {}
-    for fetch in plan.fetches:
-        if fetch.param_id in streamed:
-            by_group.setdefault(fetch.group, []).append(fetch)
     issued: dict[int, list] = {}
     for fetch in plan.fetches:
         if fetch.param_id in streamed:
+            by_group.setdefault(fetch.group, []).append(fetch)
             issued.setdefault(fetch.issue_group, []).append(fetch)
     for group in sorted(by_group.keys() | issued.keys()):
         take(f for f in issued.get(group, []) if f.group == group)

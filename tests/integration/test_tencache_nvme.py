@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from engine_runs import checkpoint_round_trip, train_steps
 from swap_faults import SWAP_FILE_FAULTS, damage_swap_file
 
 pytestmark = pytest.mark.integration
@@ -167,19 +168,6 @@ def _engine(project_root, model_dir, swap: Path, model_bytes: int, **extra):
     return engine
 
 
-def _steps(engine, model_dir, count: int, seed: int = 1, skip: int = 0) -> list[float]:
-    """Train on batches ``skip`` to ``count`` of the seeded sequence; their losses."""
-    from tiny_llama import causal_lm_batches
-
-    losses = []
-    for batch in causal_lm_batches(model_dir, 4, 64, count, seed=seed)[skip:]:
-        loss = engine(input_ids=batch, labels=batch).loss
-        engine.backward(loss)
-        engine.step()
-        losses.append(loss.item())
-    return losses
-
-
 def _store(engine):
     from ds_tencache.deepspeed_hooks import TieredParameterSwapper
 
@@ -200,18 +188,18 @@ def test_damaged_swap_file_stops_training_naming_it(tmp_path, project_root, tiny
     from ds_tencache.tiers import SwapFileError
 
     engine = _engine(project_root, tiny_model_dir, tmp_path / "swap", model_bytes)
-    _steps(engine, tiny_model_dir, WARMUP + 1)
+    train_steps(engine, tiny_model_dir, WARMUP + 1)
     path = _streamed_file(engine)
     damage_swap_file(path, fault)
     with pytest.raises(SwapFileError, match=rf"{path}.*{message}|{message}"):
-        _steps(engine, tiny_model_dir, 1)
+        train_steps(engine, tiny_model_dir, 1)
     engine.destroy()
 
 
 def test_checksums_off_is_the_users_choice(tmp_path, project_root, tiny_model_dir, model_bytes):
     engine = _engine(project_root, tiny_model_dir, tmp_path / "swap", model_bytes,
                      verify_checksums=False)
-    _steps(engine, tiny_model_dir, WARMUP + 1)
+    train_steps(engine, tiny_model_dir, WARMUP + 1)
     assert not _store(engine).files.verify
     engine.destroy()
 
@@ -221,10 +209,10 @@ def test_full_disk_stops_the_write_back(tmp_path, project_root, tiny_model_dir, 
     from ds_tencache.tiers import SwapFileError
 
     engine = _engine(project_root, tiny_model_dir, tmp_path / "swap", model_bytes)
-    _steps(engine, tiny_model_dir, WARMUP + 1)
+    train_steps(engine, tiny_model_dir, WARMUP + 1)
     monkeypatch.setattr("shutil.disk_usage", lambda _: type("Usage", (), {"free": 0})())
     with pytest.raises(SwapFileError, match=r"swap/tencache/rank0: disk full \(No space left on device\); \d+ bytes to write, 0 free"):
-        _steps(engine, tiny_model_dir, 1)
+        train_steps(engine, tiny_model_dir, 1)
 
 
 def test_unwritable_folder_is_refused_at_start(tmp_path, project_root, tiny_model_dir, model_bytes):
@@ -262,22 +250,6 @@ print("files during the run:", len(list(Path({str(swap)!r}).rglob("*.swp"))))
     assert not list(swap.rglob("*.swp"))
 
 
-def _round_trip(engine_at, model_dir, tmp_path: Path, name: str) -> tuple[list[float], list[float]]:
-    """Losses of 8 uninterrupted steps, and of steps 6-8 after a save at step 5 and a reload."""
-    uninterrupted = engine_at(tmp_path / f"{name}-a")
-    expected = _steps(uninterrupted, model_dir, 8)
-    uninterrupted.destroy()
-    saver = engine_at(tmp_path / f"{name}-b")
-    assert _steps(saver, model_dir, 5) == expected[:5]
-    saver.save_checkpoint(str(tmp_path / f"{name}-ckpt"), tag="step5")
-    saver.destroy()
-    resumed = engine_at(tmp_path / f"{name}-c")
-    resumed.load_checkpoint(str(tmp_path / f"{name}-ckpt"), tag="step5")
-    losses = _steps(resumed, model_dir, 8, skip=5)
-    resumed.destroy()
-    return expected, losses
-
-
 def test_checkpoint_round_trip_resumes_like_stock(tmp_path, project_root, tiny_model_dir,
                                                  model_bytes):
     """Stock ZeRO-Infinity cannot load this checkpoint at all (its fp16 restore needs a host
@@ -302,9 +274,11 @@ def test_checkpoint_round_trip_resumes_like_stock(tmp_path, project_root, tiny_m
                                           config=config)
         return engine
 
-    reference_expected, reference = _round_trip(host_memory_engine, tiny_model_dir, tmp_path, "host")
-    expected, ours = _round_trip(lambda swap: _engine(project_root, tiny_model_dir, swap, model_bytes),
-                                 tiny_model_dir, tmp_path, "nvme")
+    def our_engine(swap: Path):
+        return _engine(project_root, tiny_model_dir, swap, model_bytes)
+
+    reference_expected, reference = checkpoint_round_trip(host_memory_engine, tiny_model_dir, tmp_path, "host")
+    expected, ours = checkpoint_round_trip(our_engine, tiny_model_dir, tmp_path, "nvme")
     assert expected == reference_expected
     assert ours[0] == expected[5]
     assert ours == reference

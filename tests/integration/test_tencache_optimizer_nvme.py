@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
+from engine_runs import checkpoint_round_trip, train_steps
 from swap_faults import SWAP_FILE_FAULTS, damage_swap_file
 
 pytestmark = pytest.mark.integration
@@ -105,19 +106,6 @@ def _engine(project_root, model_dir, swap, tencache: dict | None = None,
     return engine
 
 
-def _steps(engine, model_dir, count: int, skip: int = 0) -> list[float]:
-    """Train on batches ``skip`` to ``count`` of the seeded sequence; their losses."""
-    from tiny_llama import causal_lm_batches
-
-    losses = []
-    for batch in causal_lm_batches(model_dir, 4, 64, count, seed=1)[skip:]:
-        loss = engine(input_ids=batch, labels=batch).loss
-        engine.backward(loss)
-        engine.step()
-        losses.append(loss.item())
-    return losses
-
-
 def test_checkpoint_round_trip_with_the_optimizer_tier_resumes_like_host_memory(
         tmp_path, project_root, tiny_model_dir):
     """Save at step 5 and resume. Stock ZeRO-Infinity saves the empty placeholders of swapped
@@ -126,29 +114,20 @@ def test_checkpoint_round_trip_with_the_optimizer_tier_resumes_like_host_memory(
     DeepSpeed's own round trip with the optimizer in host memory, whose first resumed step equals
     the uninterrupted run (later ones drift in the last digits: the CPU Adam op keeps state that
     checkpoints do not carry)."""
-    def round_trip(name: str, config_at) -> tuple[list[float], list[float]]:
-        uninterrupted = config_at(tmp_path / f"{name}-a")
-        expected = _steps(uninterrupted, tiny_model_dir, 8)
-        uninterrupted.destroy()
-        saver = config_at(tmp_path / f"{name}-b")
-        _steps(saver, tiny_model_dir, 5)
-        saver.save_checkpoint(str(tmp_path / f"{name}-ckpt"), tag="step5")
-        saver.destroy()
-        resumed = config_at(tmp_path / f"{name}-c")
-        resumed.load_checkpoint(str(tmp_path / f"{name}-ckpt"), tag="step5")
-        losses = _steps(resumed, tiny_model_dir, 8, skip=5)
-        resumed.destroy()
-        return expected, losses
-
     def host_memory(swap: Path):
         engine = _engine(project_root, tiny_model_dir, swap, optimizer_device="cpu")
         assert engine.optimizer.optimizer_swapper is None
         return engine
 
-    reference_expected, reference = round_trip("host", host_memory)
-    stock_expected, stock = round_trip("stock", lambda swap: _engine(project_root, tiny_model_dir, swap))
-    expected, ours = round_trip("ours", lambda swap: _engine(project_root, tiny_model_dir, swap,
-                                                            {"optimizer_cpu_budget": "10MiB"}))
+    def stock_engine(swap: Path):
+        return _engine(project_root, tiny_model_dir, swap)
+
+    def our_engine(swap: Path):
+        return _engine(project_root, tiny_model_dir, swap, {"optimizer_cpu_budget": "10MiB"})
+
+    reference_expected, reference = checkpoint_round_trip(host_memory, tiny_model_dir, tmp_path, "host")
+    stock_expected, stock = checkpoint_round_trip(stock_engine, tiny_model_dir, tmp_path, "stock")
+    expected, ours = checkpoint_round_trip(our_engine, tiny_model_dir, tmp_path, "ours")
     assert expected == stock_expected == reference_expected
     assert reference[0] == expected[5]
     assert stock[0] != expected[5] and stock[0] > expected[0] - 0.1  # back near the initial loss
@@ -162,7 +141,7 @@ def test_damaged_optimizer_state_file_stops_training_naming_it(tmp_path, project
     from ds_tencache.tiers import SwapFileError
 
     engine = _engine(project_root, tiny_model_dir, tmp_path, {})
-    _steps(engine, tiny_model_dir, 2)
+    train_steps(engine, tiny_model_dir, 2)
     swapper = engine.optimizer.optimizer_swapper
     assert isinstance(swapper, TieredOptimizerSwapper)
     swapper.writes.wait_all()
@@ -170,7 +149,7 @@ def test_damaged_optimizer_state_file_stops_training_naming_it(tmp_path, project
     path = min(Path(swapper.swap_folder).glob("exp_avg_sq-*.tensor.swp"))
     damage_swap_file(path, fault)
     with pytest.raises(SwapFileError, match=rf"{path} {message}"):
-        _steps(engine, tiny_model_dir, 1)
+        train_steps(engine, tiny_model_dir, 1)
 
 
 def test_gradient_files_of_a_larger_model_are_checked_too(tmp_path, project_root):
