@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import socket
 import time
-from pathlib import Path
 
 import pytest
+from engine_runs import two_ranks
 
 pytestmark = pytest.mark.integration
 
@@ -103,38 +101,10 @@ def test_bad_config_stops_before_training(tiny_model_dir, base_config, tencache,
         initialize(model=model, model_parameters=model.parameters(), config=config)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _rank_worker(rank: int, world: int, port: int, model_dir: str, config: dict, out: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    import ds_tencache
-    from ds_tencache.training_run import train
-    from tiny_llama.environment import apply_runtime_defaults
-
-    apply_runtime_defaults()
-    result = train(model_dir, config, steps=STEPS, initialize=ds_tencache.initialize)
-    planned = [m.hit_rate for m in result.tencache_steps or [] if m.phase == "planned"]
-    Path(f"{out}.{rank}").write_text(json.dumps(
-        {"losses": result.losses, "world": result.world_size, "planned_hits": planned}))
-
-
-def _run_two_ranks(tmp_path, tiny_model_dir, config, name) -> list[dict]:
-    import torch.multiprocessing as mp
-
-    out = str(tmp_path / name)
-    mp.spawn(_rank_worker, args=(2, _free_port(), str(tiny_model_dir), config, out), nprocs=2)
-    return [json.loads(Path(f"{out}.{rank}").read_text()) for rank in range(2)]
-
-
 def test_two_ranks_identical_to_stock(tmp_path, tiny_model_dir, base_config, half_model_bytes):
-    stock = _run_two_ranks(tmp_path, tiny_model_dir, variant(base_config, True), "stock")
-    ours = _run_two_ranks(tmp_path, tiny_model_dir,
-                          variant(base_config, True, {"device_budget": half_model_bytes}), "tencache")
+    stock = two_ranks(tmp_path, tiny_model_dir, variant(base_config, True), "stock", STEPS)
+    ours = two_ranks(tmp_path, tiny_model_dir,
+                     variant(base_config, True, {"device_budget": half_model_bytes}), "tencache", STEPS)
     for rank in range(2):
         assert stock[rank]["world"] == ours[rank]["world"] == 2
         assert ours[rank]["losses"] == stock[rank]["losses"]

@@ -6,7 +6,6 @@ every size, so with a CPU tier of a third of the model most of it really lives o
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import subprocess
@@ -14,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from engine_runs import checkpoint_round_trip, train_steps
+from engine_runs import checkpoint_round_trip, train_steps, two_ranks
 from swap_faults import SWAP_FILE_FAULTS, damage_swap_file
 
 pytestmark = pytest.mark.integration
@@ -106,42 +105,12 @@ def test_fp16_cannot_be_tested_on_the_cpu_accelerator(tmp_path, project_root, ti
         train(tiny_model_dir, config, steps=1, initialize=ds_tencache.initialize)
 
 
-def _rank_worker(rank: int, world: int, port: int, model_dir: str, config: dict, out: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    import ds_tencache
-    from ds_tencache.training_run import train
-    from tiny_llama.environment import apply_runtime_defaults
-
-    apply_runtime_defaults()
-    config = copy.deepcopy(config)
-    # each rank its own folder for stock (ours adds rank<N> itself)
-    config["zero_optimization"]["offload_param"]["nvme_path"] += f"-{rank}"
-    result = train(model_dir, config, steps=12, initialize=ds_tencache.initialize)
-    Path(f"{out}.{rank}").write_text(json.dumps(
-        {"losses": result.losses, "tier": result.host_tier,
-         "phases": [m.phase for m in result.tencache_steps or []]}))
-
-
-def _two_ranks(tmp_path, model_dir, config, name) -> list[dict]:
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    out = str(tmp_path / name)
-    mp.spawn(_rank_worker, args=(2, port, str(model_dir), config, out), nprocs=2)
-    return [json.loads(Path(f"{out}.{rank}").read_text()) for rank in range(2)]
-
-
 def test_two_ranks_identical_to_stock(tmp_path, project_root, tiny_model_dir, model_bytes):
-    stock = _two_ranks(tmp_path, tiny_model_dir, nvme_config(project_root, tmp_path / "s"), "stock")
+    stock = two_ranks(tmp_path, tiny_model_dir, nvme_config(project_root, tmp_path / "s"), "stock", 12)
     # Each rank holds half of every partition: a sixth of the model per rank's CPU tier.
-    ours = _two_ranks(tmp_path, tiny_model_dir,
-                      nvme_config(project_root, tmp_path / "o", tencache=tier_block(model_bytes // 2)),
-                      "ours")
+    ours = two_ranks(tmp_path, tiny_model_dir,
+                     nvme_config(project_root, tmp_path / "o", tencache=tier_block(model_bytes // 2)),
+                     "ours", 12)
     for rank in range(2):
         assert ours[rank]["losses"] == stock[rank]["losses"]
         assert ours[rank]["phases"].count("planned") == 12 - WARMUP
