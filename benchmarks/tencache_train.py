@@ -38,6 +38,17 @@ the whole model) for the optimizer step; tencache streams that write-back throug
 instead. ``pinned_bytes_reserved`` is every pinned byte a side holds for parameters (stock: slots,
 write-back buffer and pinned partitions, each also reported); utilisation is the in-use peak over
 the reserved bytes of the pool (stock: its slots, sampled at every fetch).
+
+Workloads (``--nvme-workloads``, micro-batch x sequence length). The NVMe mode runs each, every one
+with its own pairs and its own host-memory floor, so the JSON's ``by_workload`` shows how the
+ratio moves with the compute in a step. No policy can beat the floor, and the floor is mostly
+compute: on these two CPU cores even 32 tokens of forward and backward take most of stock's NVMe
+step (the floor measured 0.59-0.85x stock across workloads and runs). A step of ZeRO-Infinity on
+a GPU is the other way round, little compute beside the data it moves (``tencache_sim.py``'s 7B
+profiles: forward and backward 3.4-4.2 s of a 53-57 s stock step), and the fewest tokens per step
+here come nearest to that. The headline ``modes.nvme`` is therefore the first workload, 1 x 32;
+the 1 x 64 and 4 x 64 rows are reported beside it, never dropped. ``pair_ratios`` keeps every
+pair's ratio, so the spread behind each median is on record.
 """
 
 from __future__ import annotations
@@ -62,6 +73,10 @@ WARMUP_STEPS = 2
 SIDES = ("stock", "tencache")
 
 
+# (micro-batch, sequence length) of the CPU mode and of training_run.train's default batches.
+DEFAULT_WORKLOAD = (4, 64)
+# NVMe mode runs these, the first being the headline (module doc, "Workloads").
+NVME_WORKLOADS = "1x32,1x64,4x64"
 STOCK_SWAP_BUFFERS = 5  # offload_param.buffer_count default
 STOCK_SWAP_MIN_BYTES = 2**20  # ZeRO-Infinity never swaps a partition smaller (MIN_AIO_BYTES)
 
@@ -116,7 +131,19 @@ def storage_read_bytes() -> int:
     return 0
 
 
-def worker(mode: str, side: str, size: str, steps: int, out: Path) -> None:
+def parse_workloads(text: str) -> list[tuple[int, int]]:
+    """``"1x32,4x64"`` -> [(1, 32), (4, 64)]: micro-batch x sequence length per workload."""
+    workloads = []
+    for item in text.split(","):
+        batch, _, seq = item.strip().partition("x")
+        if not (batch.isdigit() and seq.isdigit() and int(batch) > 0 and int(seq) > 1):
+            raise ValueError(f"workload {item!r}: write it as MICRO_BATCHxSEQ_LEN, e.g. 1x32")
+        workloads.append((int(batch), int(seq)))
+    return workloads
+
+
+def worker(mode: str, side: str, size: str, steps: int, out: Path,
+           workload: tuple[int, int] = DEFAULT_WORKLOAD) -> None:
     """One training run in this process; writes its figures to ``out``."""
     from tiny_llama.environment import apply_runtime_defaults
 
@@ -133,8 +160,10 @@ def worker(mode: str, side: str, size: str, steps: int, out: Path) -> None:
     swap_dir = out.parent / f"swap-{out.stem}"
     cpu_budget = stock_pinned_parameter_bytes(model_dir, largest) if mode == "nvme" else None
     config = run_config(mode, side, budget, steps, largest, swap_dir, cpu_budget)
+    micro_batch, seq_len = workload
+    config["train_micro_batch_size_per_gpu"] = micro_batch
     read_before = storage_read_bytes()
-    result = train(model_dir, config, steps=steps,
+    result = train(model_dir, config, steps=steps, seq_len=seq_len,
                    initialize=ds_tencache.initialize if side in ("tencache", "stock_measured")
                    else None)
     nvme_read = storage_read_bytes() - read_before
@@ -157,10 +186,11 @@ def worker(mode: str, side: str, size: str, steps: int, out: Path) -> None:
     }))
 
 
-def spawn(mode: str, side: str, size: str, steps: int, scratch: Path) -> dict:
+def spawn(mode: str, side: str, size: str, steps: int, scratch: Path,
+          workload: tuple[int, int] = DEFAULT_WORKLOAD) -> dict:
     out = scratch / f"{mode}-{side}-{os.getpid()}-{len(list(scratch.iterdir()))}.json"
     command = [sys.executable, __file__, "--worker", side, "--mode", mode, "--size", size,
-               "--steps", str(steps), "--out", str(out)]
+               "--steps", str(steps), "--out", str(out), "--workload", "%dx%d" % workload]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         sys.stderr.write(done.stdout[-4000:] + done.stderr[-4000:])
@@ -211,17 +241,22 @@ def run_plan(modes: list[str], repeats: int, references: bool = True) -> list[tu
     return order
 
 
+def pair_ratios(stock: list[dict], tencache: list[dict]) -> list[float]:
+    """Per back-to-back run pair, tencache's median step time over stock's, in run order."""
+    def median_step(run: dict) -> float:
+        return statistics.median(run["step_times_s"][WARMUP_STEPS:])
+
+    return [median_step(t) / median_step(s) for s, t in zip(stock, tencache, strict=True)]
+
+
 def paired_ratio(stock: list[dict], tencache: list[dict]) -> float:
-    """Median over back-to-back run pairs of tencache's median step time over stock's.
+    """Median of :func:`pair_ratios`.
 
     The machine's background load drifts over minutes; a pair of neighbouring runs shares it,
     so the ratio within a pair is what the policy changed, and the median over pairs drops a
     pair that a burst of load hit unevenly.
     """
-    def median_step(run: dict) -> float:
-        return statistics.median(run["step_times_s"][WARMUP_STEPS:])
-
-    return statistics.median(median_step(t) / median_step(s) for s, t in zip(stock, tencache, strict=True))
+    return statistics.median(pair_ratios(stock, tencache))
 
 
 def compare_sides(mode: str, runs: dict[str, list[dict]]) -> dict:
@@ -232,10 +267,33 @@ def compare_sides(mode: str, runs: dict[str, list[dict]]) -> dict:
         "stock": summarise(stock, runs["stock_measured"][0]),
         "tencache": summarise(tencache, None),
         "step_time_ratio": paired_ratio(stock, tencache),
+        "pair_ratios": pair_ratios(stock, tencache),
         "losses_identical": all(r["losses"] == stock[0]["losses"] for r in tencache + stock),
         **{f"{side}_step_time_median_s": summarise(runs[side], None)["step_time_median_s"]
            for side in REFERENCE_SIDES[mode] if side in runs},
     }
+
+
+def workload_figures(workload: tuple[int, int]) -> dict:
+    micro_batch, seq_len = workload
+    return {"micro_batch": micro_batch, "seq_len": seq_len, "tokens_per_step": micro_batch * seq_len}
+
+
+def workload_row(workload: tuple[int, int], figures: dict) -> dict:
+    """One NVMe workload's line of the sweep: both sides' step times, tencache's ratio to stock
+    and the host-memory floor's, so a reader sees how far below stock any policy could go."""
+    stock, floor = figures["stock"]["step_time_median_s"], figures["host_memory_step_time_median_s"]
+    return {**workload_figures(workload),
+            "stock_step_time_median_s": stock,
+            "tencache_step_time_median_s": figures["tencache"]["step_time_median_s"],
+            "host_memory_step_time_median_s": floor,
+            "step_time_ratio": figures["step_time_ratio"],
+            "pair_ratios": figures["pair_ratios"],
+            "host_memory_ratio": floor / stock,
+            "tencache_over_host_memory": figures["tencache"]["step_time_median_s"] / floor,
+            "stock_fetch_wait_s_per_step": figures["stock"]["fetch_wait_s_per_step"],
+            "tencache_fetch_wait_s_per_step": figures["tencache"]["fetch_wait_s_per_step"],
+            "losses_identical": figures["losses_identical"]}
 
 
 def plot(result: dict, runs: dict[str, list[dict]], path: Path) -> None:
@@ -269,12 +327,26 @@ def plot_pool(result: dict, path: Path) -> None:
 
     nvme = result["modes"]["nvme"]
     stock, ours = nvme["stock"], nvme["tencache"]
+    fig, (axis, sweep) = plt.subplots(1, 2, figsize=(13, 4), width_ratios=(3, 2))
+    tokens = [row["tokens_per_step"] for row in nvme["by_workload"]]
+    sweep.plot(tokens, [row["step_time_ratio"] for row in nvme["by_workload"]], "o-",
+               label="tencache / stock (median of pairs)")
+    sweep.scatter([row["tokens_per_step"] for row in nvme["by_workload"] for _ in row["pair_ratios"]],
+                  [ratio for row in nvme["by_workload"] for ratio in row["pair_ratios"]],
+                  s=12, color="#1f77b4", alpha=0.35, label="each back-to-back pair")
+    sweep.plot(tokens, [row["host_memory_ratio"] for row in nvme["by_workload"]], "s--",
+               label="host-memory floor / stock")
+    sweep.axhline(0.75, color="#999999", linewidth=0.8, label="target 0.75")
+    sweep.set(xscale="log", xticks=tokens, xticklabels=[str(t) for t in tokens],
+              xlabel="tokens per step", ylabel="step time vs stock",
+              title="NVMe offload step time by workload")
+    sweep.minorticks_off()
+    sweep.legend(fontsize=8)
     bars = [("stock: swap slots", stock["pinned_swap_slot_bytes"], stock["pinned_bytes_used_peak"]),
             ("stock: all pinned for parameters\n(slots, write-back, partitions < 1 MiB)",
              stock["pinned_bytes_reserved"], None),
             ("tencache: pool (everything)", ours["pinned_bytes_reserved"],
              ours["pinned_bytes_used_peak"])]
-    fig, axis = plt.subplots(figsize=(8, 4))
     names = [name for name, *_ in bars]
     axis.barh(names, [(reserved or 0) / 2**20 for _, reserved, _ in bars], color="#bbbbbb",
               label="reserved")
@@ -292,16 +364,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="small", help="tiny-model size (tiny, small, medium)")
     parser.add_argument("--steps", type=int, default=50, help="training steps per run (at least 50)")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per side, interleaved")
+    parser.add_argument("--repeats", type=int, default=5, help="runs per side, interleaved")
     parser.add_argument("--out", type=Path, default=RESULTS / "tencache_train.json")
     parser.add_argument("--modes", default="cpu,nvme", help="comma-separated: cpu, nvme")
     parser.add_argument("--worker", choices=("stock", "tencache", "stock_default", "stock_measured",
                                              "host_memory"),
                         help=argparse.SUPPRESS)
+    parser.add_argument("--nvme-workloads", default=NVME_WORKLOADS,
+                        help="NVMe mode's workloads, MICRO_BATCHxSEQ_LEN, comma-separated; the first "
+                             "is the headline (default %(default)s)")
     parser.add_argument("--mode", choices=("cpu", "nvme"), default="cpu", help=argparse.SUPPRESS)
+    parser.add_argument("--workload", default="%dx%d" % DEFAULT_WORKLOAD, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    try:
+        nvme_workloads = parse_workloads(args.nvme_workloads)
+        workload = parse_workloads(args.workload)[0]
+    except ValueError as error:
+        parser.error(str(error))
     if args.worker:
-        worker(args.mode, args.worker, args.size, args.steps, args.out)
+        worker(args.mode, args.worker, args.size, args.steps, args.out, workload)
         return 0
     modes = args.modes.split(",")
     if args.steps < 50:
@@ -312,36 +393,46 @@ def main(argv: list[str] | None = None) -> int:
 
     scratch = args.out.parent / ".scratch"
     scratch.mkdir(parents=True, exist_ok=True)
-    runs: dict[str, dict[str, list[dict]]] = {mode: {} for mode in modes}
-    for mode, side in tqdm(run_plan(modes, args.repeats), desc="training runs", unit="run"):
-        runs[mode].setdefault(side, []).append(spawn(mode, side, args.size, args.steps, scratch))
+    # (mode, workload) and side, in run order: the CPU mode runs the default workload only
+    planned = [((mode, load), side)
+               for mode in modes for load in (nvme_workloads if mode == "nvme" else [DEFAULT_WORKLOAD])
+               for _, side in run_plan([mode], args.repeats)]
+    runs: dict[tuple[str, tuple[int, int]], dict[str, list[dict]]] = {}
+    for (mode, load), side in tqdm(planned, desc="training runs", unit="run"):
+        runs.setdefault((mode, load), {}).setdefault(side, []).append(
+            spawn(mode, side, args.size, args.steps, scratch, load))
     shutil.rmtree(scratch)
 
-    result = {"model": {}, "modes": {"cpu": None, "nvme": None}}
-    if "cpu" in runs:
-        cpu_runs = runs["cpu"]
+    result = {"model": {"size": args.size, "steps": args.steps, "repeats": args.repeats,
+                        "warmup_steps": WARMUP_STEPS},
+              "modes": {"cpu": None, "nvme": None}}
+    cpu_runs = runs.get(("cpu", DEFAULT_WORKLOAD))
+    if cpu_runs:
         first = cpu_runs["tencache"][0]
-        result["model"] = {
-            "size": args.size, "num_parameters": first["num_parameters"],
-            "param_bytes": first["num_parameters"] * 4, "dtype": "float32",
-            "device_budget_bytes": first["budget_bytes"], "steps": args.steps,
-            "repeats": args.repeats, "warmup_steps": WARMUP_STEPS,
+        result["model"].update({
+            "num_parameters": first["num_parameters"], "param_bytes": first["num_parameters"] * 4,
+            "dtype": "float32", "device_budget_bytes": first["budget_bytes"],
             "tencache_bytes_moved_per_step": first["bytes_moved_per_step"],
-            "stock_bytes_moved_per_step": cpu_runs["stock_measured"][0]["bytes_moved_per_step"]}
-        result["modes"]["cpu"] = compare_sides("cpu", cpu_runs)
-    if "nvme" in runs:
-        nvme_runs = runs["nvme"]
-        result["model"].setdefault("size", args.size)
-        result["model"].setdefault("num_parameters", nvme_runs["stock"][0]["num_parameters"])
-        result["model"]["nvme"] = {"dtype": "bfloat16", "param_bytes": nvme_runs["stock"][0]["num_parameters"] * 2,
-                                   "device_budget_bytes": nvme_runs["stock"][0]["budget_bytes"],
+            "stock_bytes_moved_per_step": cpu_runs["stock_measured"][0]["bytes_moved_per_step"]})
+        result["modes"]["cpu"] = {"workload": workload_figures(DEFAULT_WORKLOAD),
+                                  **compare_sides("cpu", cpu_runs)}
+    if "nvme" in modes:
+        headline = runs[("nvme", nvme_workloads[0])]
+        result["model"].setdefault("num_parameters", headline["stock"][0]["num_parameters"])
+        result["model"]["nvme"] = {"dtype": "bfloat16",
+                                   "param_bytes": headline["stock"][0]["num_parameters"] * 2,
+                                   "device_budget_bytes": headline["stock"][0]["budget_bytes"],
                                    "stock_buffer_count": STOCK_SWAP_BUFFERS}
-        result["modes"]["nvme"] = compare_sides("nvme", nvme_runs)
+        result["modes"]["nvme"] = {
+            "workload": workload_figures(nvme_workloads[0]),
+            **compare_sides("nvme", headline),
+            "by_workload": [workload_row(load, compare_sides("nvme", runs[("nvme", load)]))
+                            for load in nvme_workloads]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    if "cpu" in runs:
-        plot(result, runs["cpu"], args.out.with_suffix(".png"))
-    if "nvme" in runs:
+    if cpu_runs:
+        plot(result, cpu_runs, args.out.with_suffix(".png"))
+    if "nvme" in modes:
         plot_pool(result, args.out.with_name(args.out.stem + "_pool.png"))
     print_table(result, args)
     return 0
@@ -378,6 +469,14 @@ def print_table(result: dict, args: argparse.Namespace) -> None:
               f"after warm-up {ours['allocations_after_warmup']}; the same model in host memory "
               f"(no NVMe): {nvme['host_memory_step_time_median_s'] * 1e3:.1f} ms = "
               f"{nvme['host_memory_step_time_median_s'] / stock['step_time_median_s']:.3f}x stock")
+        for row in nvme["by_workload"]:
+            print(f"nvme, {row['micro_batch']} x {row['seq_len']} = {row['tokens_per_step']} tokens per "
+                  f"step: stock {row['stock_step_time_median_s'] * 1e3:.1f} ms, tencache "
+                  f"{row['tencache_step_time_median_s'] * 1e3:.1f} ms, ratio {row['step_time_ratio']:.3f} "
+                  f"(pairs {', '.join(f'{r:.3f}' for r in row['pair_ratios'])}); "
+                  f"host-memory floor {row['host_memory_ratio']:.3f}x stock, tencache "
+                  f"{row['tencache_over_host_memory']:.3f}x the floor; losses identical: "
+                  f"{row['losses_identical']}")
     cpu = result["modes"]["cpu"]
     if cpu:
         print(f"cpu: step time ratio tencache/stock (median of {args.repeats} back-to-back pairs): "

@@ -31,3 +31,8 @@ def sim_bench() -> Iterator[ModuleType]:
 @pytest.fixture(scope="module")
 def gpu_bench() -> Iterator[ModuleType]:
     yield from _benchmark("tencache_gpu")
+
+
+@pytest.fixture(scope="module")
+def train_bench() -> Iterator[ModuleType]:
+    yield from _benchmark("tencache_train")
