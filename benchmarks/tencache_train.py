@@ -417,17 +417,16 @@ def main(argv: list[str] | None = None) -> int:
         result["modes"]["cpu"] = {"workload": workload_figures(DEFAULT_WORKLOAD),
                                   **compare_sides("cpu", cpu_runs)}
     if "nvme" in modes:
-        headline = runs[("nvme", nvme_workloads[0])]
-        result["model"].setdefault("num_parameters", headline["stock"][0]["num_parameters"])
-        result["model"]["nvme"] = {"dtype": "bfloat16",
-                                   "param_bytes": headline["stock"][0]["num_parameters"] * 2,
-                                   "device_budget_bytes": headline["stock"][0]["budget_bytes"],
+        compared = {load: compare_sides("nvme", runs[("nvme", load)]) for load in nvme_workloads}
+        headline = nvme_workloads[0]
+        first = runs[("nvme", headline)]["stock"][0]
+        result["model"].setdefault("num_parameters", first["num_parameters"])
+        result["model"]["nvme"] = {"dtype": "bfloat16", "param_bytes": first["num_parameters"] * 2,
+                                   "device_budget_bytes": first["budget_bytes"],
                                    "stock_buffer_count": STOCK_SWAP_BUFFERS}
         result["modes"]["nvme"] = {
-            "workload": workload_figures(nvme_workloads[0]),
-            **compare_sides("nvme", headline),
-            "by_workload": [workload_row(load, compare_sides("nvme", runs[("nvme", load)]))
-                            for load in nvme_workloads]}
+            "workload": workload_figures(headline), **compared[headline],
+            "by_workload": [workload_row(load, compared[load]) for load in nvme_workloads]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     if cpu_runs:
